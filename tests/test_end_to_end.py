@@ -1,0 +1,119 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import train_mnist
+
+SMALL_RUN = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
+             "--num-embeddings", "40", "--device", "cpu"]
+
+
+def train_small(data_dir: Path, log_dir: Path, *extra: str) -> Path:
+    """Run the script in-process on synthetic data; return the run dir it made."""
+    before = set(log_dir.iterdir()) if log_dir.exists() else set()
+    code = train_mnist.main([*SMALL_RUN, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *extra])
+    assert code == 0
+    (run_dir,) = set(log_dir.iterdir()) - before
+    return run_dir
+
+
+def load_events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    from conftest import write_mnist
+    root = tmp_path_factory.mktemp("e2e")
+    return train_small(write_mnist(root / "data"), root / "runs")
+
+
+def test_scalars_have_one_point_per_epoch_or_step(small_run):
+    events = load_events(small_run)
+    steps_per_epoch = 5  # 320 synthetic training digits in batches of 64
+    for tag in ("training loss", "test loss", "test accuracy"):
+        assert [event.step for event in events.Scalars(tag)] == [1, 2]
+    for tag in ("training loss/per step", "learning rate"):
+        assert [event.step for event in events.Scalars(tag)] == list(range(1, 2 * steps_per_epoch + 1))
+    learning_rates = [event.value for event in events.Scalars("learning rate")]
+    assert learning_rates[0] == pytest.approx(0.05) and learning_rates[-1] < learning_rates[0]
+    losses = [event.value for event in events.Scalars("training loss")]
+    assert losses[1] < losses[0]
+
+
+def test_image_grid_of_64_digits_in_unit_range(small_run):
+    (image,) = load_events(small_run).Images("mnist_images")
+    import io
+    grid = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+    assert (image.height, image.width) == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits, 2-pixel padding
+    assert grid.max() == 255 and 0 < grid.mean() < 128  # digits, not saturated white
+
+
+def test_graph_is_logged(small_run):
+    events = load_events(small_run)
+    assert events.Tags()["graph"]
+    names = {node.name for node in events.Graph().node}
+    assert any("conv1" in name for name in names) and any("fc3" in name for name in names)
+
+
+def test_hparams_row_lives_in_the_run_itself(small_run):
+    events = load_events(small_run)
+    content = events.PluginTagToContent("hparams")
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert {info.name.tag for info in experiment.experiment.metric_infos} == {"test accuracy", "test loss"}
+    values = session.session_start_info.hparams
+    assert values["lr"].number_value == pytest.approx(0.05)
+    assert values["batch_size"].number_value == 64 and values["epochs"].number_value == 2
+    assert {"momentum", "seed"} <= set(values)
+    assert [path for path in small_run.iterdir() if path.is_dir() and path.name != "00000"] == []
+
+
+def test_projector_files_hold_features_labels_and_readable_sprite(small_run):
+    config = (small_run / "projector_config.pbtxt").read_text()
+    assert "tensors.tsv" in config and "metadata.tsv" in config and "sprite.png" in config
+    (folder,) = [path for path in (small_run / "00000").iterdir()]
+    tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
+    assert tensors.shape == (40, 256)
+    labels = (folder / "metadata.tsv").read_text().split()
+    assert len(labels) == 40 and set(labels) <= set("0123456789")
+    sprite = np.asarray(Image.open(folder / "sprite.png"))
+    assert 0 < sprite.mean() < 128  # thumbnails in [0, 1]: mostly dark background
+
+
+def test_config_and_metrics_json(small_run):
+    config = json.loads((small_run / "config.json").read_text())
+    metrics = json.loads((small_run / "metrics.json").read_text())
+    assert config["lr"] == 0.05 and config["batch_size"] == 64 and config["epochs"] == 2
+    assert metrics["epochs"] == 2 and 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["test_loss"] > 0 and metrics["training_seconds"] > 0 and metrics["images_per_second"] > 0
+    accuracy = load_events(small_run).Scalars("test accuracy")[-1].value
+    assert metrics["test_accuracy"] == pytest.approx(accuracy)
+
+
+def test_each_run_gets_a_fresh_directory(tmp_path, synthetic_data, capsys):
+    log_dir = tmp_path / "runs"
+    first = train_small(synthetic_data, log_dir, "--epochs", "1")
+    second = train_small(synthetic_data, log_dir, "--epochs", "1")
+    assert first != second and first.parent == second.parent == log_dir
+    assert len(list(first.glob("events.out.tfevents.*"))) == 1
+    out = capsys.readouterr().out
+    assert f"Run directory: {second}" in out
+    assert "Test accuracy: " in out
+
+
+def test_real_mnist_one_epoch_reaches_97_percent(real_data_dir, tmp_path, capsys):
+    code = train_mnist.main(["--epochs", "1", "--data-dir", str(real_data_dir), "--log-dir",
+                             str(tmp_path), "--num-embeddings", "0", "--device", "cpu"])
+    assert code == 0
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.97
+    assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
