@@ -4,15 +4,22 @@
     tensorboard --logdir runs
 
 The story, top to bottom: parse the command line; load MNIST once into two tensors on the
-training device; train with SGD, evaluating on the test set after every epoch; log the
+training device; train with SGD, testing after every epoch and saving a checkpoint; log the
 curves, the graph, a sample of digits, the learned features and the hyper-parameters to one
-TensorBoard run directory.
+TensorBoard run directory. Around it: resume after Ctrl-C, evaluate a checkpoint, and sweep
+a grid of hyper-parameters.
 """
 
 import argparse
+import csv
+import dataclasses
 import datetime
+import itertools
 import json
 import math
+import os
+import pickle
+import signal
 import struct
 import sys
 import time
@@ -35,10 +42,22 @@ MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # flags that take several values
+# Flags a resumed run takes from its checkpoint unless given again on the command line.
+RESUMED_FLAGS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "test_batch_size",
+                 "num_embeddings", "data_dir", "deterministic")
 
 
 class UserError(Exception):
     """Something the user can fix: main() prints it as one line and exits with code 1."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after saving its state; exit code 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 # ----------------------------------------------------------------------------------------
@@ -69,6 +88,10 @@ def positive_float(text: str) -> float:
     return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
+def non_negative_float(text: str) -> float:
+    return _number(float, text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
 def momentum_float(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v < 1, "in [0, 1)")
 
@@ -79,20 +102,26 @@ def unit_fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Train a small CNN on MNIST and log the training to TensorBoard.",
+        description="Train a small CNN on MNIST and log the training to TensorBoard. "
+                    "Several values for --lr, --batch_size, --momentum or --epochs run a sweep "
+                    "over their grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
     add = parser.add_argument
-    add("--epochs", type=positive_int, default=10, help="passes over the training set")
-    add("--lr", type=positive_float, default=0.05, help="peak learning rate of SGD")
-    add("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=64,
+    add("--epochs", type=positive_int, nargs="+", default=[10], help="passes over the training set")
+    add("--lr", type=positive_float, nargs="+", default=[0.02], help="peak learning rate of SGD")
+    add("--batch_size", "--batch-size", dest="batch_size", type=positive_int, nargs="+", default=[64],
         help="training images per step")
-    add("--momentum", type=momentum_float, default=0.9, help="SGD momentum")
+    add("--momentum", type=momentum_float, nargs="+", default=[0.9], help="SGD momentum")
+    add("--weight_decay", "--weight-decay", dest="weight_decay", type=non_negative_float,
+        default=5e-4, help="SGD weight decay (L2 penalty)")
     add("--lr_decay", "--lr-decay", dest="lr_decay", type=unit_fraction, default=0.2,
         help="final fraction of the steps over which the learning rate falls linearly from "
              "--lr to 0 (0: constant)")
     add("--seed", type=int, default=1, help="seed of the weights and of the batch order")
+    add("--deterministic", action="store_true",
+        help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
         help="where to train; auto takes CUDA if available, else MPS, else the CPU")
     add("--data_dir", "--data-dir", dest="data_dir", type=Path, default=Path("data"),
@@ -105,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000, help="images per evaluation batch")
     add("--num_embeddings", "--num-embeddings", dest="num_embeddings", type=non_negative_int,
         default=256, help="training images shown in the projector (0: none)")
+    add("--resume", type=Path, default=None, metavar="PATH",
+        help="continue the run of this checkpoint (or run folder) up to --epochs in total")
+    add("--evaluate", type=Path, default=None, metavar="PATH",
+        help="only test this checkpoint (or run folder's last.pt) and print its accuracy")
     return parser
 
 
@@ -121,12 +154,44 @@ def resolve_device(name: str) -> torch.device:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags; with --resume or --evaluate, unset flags come from the checkpoint's config."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume and args.evaluate:
+        parser.error("--resume and --evaluate exclude each other")
+    checkpoint = None
+    if args.resume or args.evaluate:
+        try:
+            checkpoint = load_checkpoint(args.resume or args.evaluate)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+        saved = checkpoint["config"]
+        parser.set_defaults(**{key: saved[key] for key in RESUMED_FLAGS if key in saved})
+        args = parser.parse_args(argv)
+    args.checkpoint = checkpoint
+    for key in SWEEP_FLAGS:  # a single value, from the command line or a checkpoint, is a list of one
+        value = getattr(args, key)
+        setattr(args, key, value if isinstance(value, list) else [value])
+    if args.resume and any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
+        parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
     try:
         args.device = resolve_device(args.device)
     except UserError as error:
         parser.error(str(error))  # exits 2, like any other bad flag
+    return args
+
+
+def expand_sweep(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per point of the grid of SWEEP_FLAGS values, each holding single values."""
+    grid = itertools.product(*(getattr(args, key) for key in SWEEP_FLAGS))
+    runs = [argparse.Namespace(**(vars(args) | dict(zip(SWEEP_FLAGS, values)))) for values in grid]
+    if len(runs) > 1 and args.run_name is not None:
+        for index, one_run in enumerate(runs, start=1):
+            one_run.run_name = f"{args.run_name}-{index}"
+    return runs
+
+
     return args
 
 
@@ -212,68 +277,93 @@ class DeviceLoader:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self):
+        return self.batches()
+
+    def batches(self, first: int = 0):
+        """The epoch's batches from number `first` on (a resumed epoch skips those done)."""
         count = len(self.labels)
-        if not self.shuffle:
-            for start in range(0, count, self.batch_size):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_000 + self.epoch)
+            order = torch.randperm(count, generator=generator).to(self.labels.device)
+        for start in range(first * self.batch_size, count, self.batch_size):
+            if self.shuffle:
+                batch = order[start:start + self.batch_size]
+                yield self.images[batch], self.labels[batch]
+            else:
                 yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
-            return
-        generator = torch.Generator().manual_seed(self.seed * 100_000 + self.epoch)
-        order = torch.randperm(count, generator=generator).to(self.labels.device)
-        for start in range(0, count, self.batch_size):
-            batch = order[start:start + self.batch_size]
-            yield self.images[batch], self.labels[batch]
 
 
 # ----------------------------------------------------------------------------------------
 # Training and evaluation
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint so that a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed in the epoch under way
+    loss_sum: float = 0.0  # sum of those batches' losses, for the epoch's mean
+    best_accuracy: float = -1.0
+    seconds: float = 0.0  # training time so far, over all sessions of the run
+    history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
+
+
+class StopFlag:
+    """Turns SIGINT and SIGTERM into a request that training honours between two steps.
+
+    Stopping between steps, never inside one, means the saved state is always consistent;
+    a second signal while saving changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __enter__(self) -> "StopFlag":
+        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _request(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state...")
+
+
 def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, loader: DeviceLoader,
-                description: str) -> tuple[list[float], list[float]]:
-    """One pass over the training set; returns each step's loss and learning rate."""
+                description: str, first_batch: int = 0, stop: StopFlag | None = None
+                ) -> tuple[list[float], list[float]]:
+    """Train on the epoch's batches from `first_batch` on; returns each step's loss and learning rate.
+
+    Returns early, with fewer steps, when `stop` is raised or the loss stops being finite.
+    """
     net.train()
     # Step losses stay on the device and come to the host once per epoch (and every 50
     # steps for the progress bar): a .item() per step would stall a GPU on every batch.
-    step_losses = torch.zeros(len(loader), device=loader.labels.device)
+    step_losses = torch.zeros(len(loader) - first_batch, device=loader.labels.device)
     step_lrs = []
-    progress = tqdm(loader, desc=description, unit="batch", leave=True, dynamic_ncols=True)
-    for step, (images, labels) in enumerate(progress):
-        loss = F.cross_entropy(net(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        step_lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-        step_losses[step] = loss.detach()
-        if step % 50 == 49:
-            progress.set_postfix(loss=f"{step_losses[step - 49:step + 1].mean().item():.4f}")
-    return step_losses.tolist(), step_lrs
-
-
-def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
-          writer: SummaryWriter, epochs: int, *, scheduler, test_loader: DeviceLoader) -> list[dict]:
-    """Train for `epochs`, testing and logging after each; returns one metrics dict per epoch."""
-    history = []
-    for epoch in range(1, epochs + 1):
-        loader.set_epoch(epoch)
-        started = time.perf_counter()
-        step_losses, step_lrs = train_epoch(net, optimizer, scheduler, loader, f"Epoch {epoch}/{epochs}")
-        seconds = time.perf_counter() - started
-        test_loss, test_accuracy = test(net, test_loader)
-
-        first_step = (epoch - 1) * len(loader)
-        for offset, (loss, lr) in enumerate(zip(step_losses, step_lrs)):
-            writer.add_scalar("training loss/per step", loss, first_step + offset + 1)
-            writer.add_scalar("learning rate", lr, first_step + offset + 1)
-        train_loss = sum(step_losses) / len(step_losses)
-        writer.add_scalar("training loss", train_loss, epoch)
-        writer.add_scalar("test loss", test_loss, epoch)
-        writer.add_scalar("test accuracy", test_accuracy, epoch)
-        history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                        "test_accuracy": test_accuracy, "seconds": seconds})
-        tqdm.write(f"Epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
-                   f"test accuracy {test_accuracy:.4f}")
-    return history
+    progress = tqdm(loader.batches(first_batch), desc=description, total=len(loader),
+                    initial=first_batch, unit="batch", dynamic_ncols=True)
+    with progress:
+        for step, (images, labels) in enumerate(progress):
+            loss = F.cross_entropy(net(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step_lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            step_losses[step] = loss.detach()
+            if step % 50 == 49:
+                recent_loss = step_losses[step - 49:step + 1].mean().item()
+                progress.set_postfix(loss=f"{recent_loss:.4f}")
+                if not math.isfinite(recent_loss):
+                    break  # diverged: train() reports it
+            if stop is not None and stop.signum is not None:
+                break
+    return step_losses[:len(step_lrs)].tolist(), step_lrs
 
 
 @torch.no_grad()
@@ -291,6 +381,54 @@ def test(model: MNISTNet, loader: DeviceLoader) -> tuple[float, float]:
     return loss_sum.item() / count, correct.item() / count
 
 
+def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
+          writer: SummaryWriter, epochs: int, *, scheduler, test_loader: DeviceLoader,
+          progress: Progress, save, stop: StopFlag) -> None:
+    """Train from `progress` up to `epochs`, testing, logging and checkpointing after each epoch.
+
+    `save(name)` writes checkpoints/<name>.pt. On a stop request the state is saved to
+    last.pt and Interrupted is raised.
+    """
+    steps_per_epoch = len(loader)
+    while progress.epoch < epochs:
+        epoch = progress.epoch + 1
+        loader.set_epoch(epoch)
+        started = time.perf_counter()
+        step_losses, step_lrs = train_epoch(net, optimizer, scheduler, loader, f"Epoch {epoch}/{epochs}",
+                                            first_batch=progress.batch, stop=stop)
+        first_step = (epoch - 1) * steps_per_epoch + progress.batch + 1
+        for offset, (loss, lr) in enumerate(zip(step_losses, step_lrs)):
+            writer.add_scalar("training loss/per step", loss, first_step + offset)
+            writer.add_scalar("learning rate", lr, first_step + offset)
+        progress.batch += len(step_losses)
+        progress.loss_sum += sum(step_losses)
+        progress.seconds += time.perf_counter() - started
+        if not math.isfinite(progress.loss_sum):
+            raise UserError(f"training diverged: the loss became {progress.loss_sum} in epoch {epoch}; "
+                            f"try a smaller --lr (this run used {optimizer.param_groups[0]['initial_lr']:g})")
+        if progress.batch < steps_per_epoch:  # stopped mid-epoch
+            save("last")
+            raise Interrupted(stop.signum)
+
+        test_loss, test_accuracy = test(net, test_loader)
+        train_loss = progress.loss_sum / steps_per_epoch
+        writer.add_scalar("training loss", train_loss, epoch)
+        writer.add_scalar("test loss", test_loss, epoch)
+        writer.add_scalar("test accuracy", test_accuracy, epoch)
+        progress.history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
+                                 "test_accuracy": test_accuracy})
+        progress.epoch, progress.batch, progress.loss_sum = epoch, 0, 0.0
+        tqdm.write(f"Epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
+                   f"test accuracy {test_accuracy:.4f}")
+        writer.flush()
+        save("last")
+        if test_accuracy > progress.best_accuracy:
+            progress.best_accuracy = test_accuracy
+            save("best")
+        if stop.signum is not None:
+            raise Interrupted(stop.signum)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int):
     """Hold --lr, then fall linearly to 0 over the last `decay_fraction` of the steps.
 
@@ -302,6 +440,63 @@ def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, tota
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, max(0.0, total_steps - step) / decay_steps))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and numbers, readable with weights_only=True.
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "global_step", "progress", "rng", "config"}
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    """Write atomically: a temporary file, flushed to disk, then renamed over the old one."""
+    path.parent.mkdir(exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"could not write {path}: {error.strerror}; the previous checkpoint "
+                        "is kept. Free some disk space or pick another --log-dir") from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint file, or a run folder's checkpoints/last.pt, without running any code."""
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; give a .pt file or a run folder with checkpoints/last.pt")
+    try:
+        # weights_only: tensors, numbers, strings and containers only; a pickled object that
+        # would run code when loaded is refused instead.
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} cannot be loaded safely: it holds Python objects other than tensors "
+                        "and numbers, which could run code when unpickled; refused") from None
+    except Exception as error:  # torch.load raises many types for a file that is no checkpoint
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(
+            f"{path} cannot be loaded safely: it is not a PyTorch checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+        raise UserError(f"{path} is not a train_mnist.py checkpoint (it lacks model, optimizer, ...)")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore_model(net: MNISTNet, checkpoint: dict) -> None:
+    try:
+        net.load_state_dict(checkpoint["model"])
+    except RuntimeError:
+        raise UserError(f"{checkpoint['path']} holds weights of a different network than MNISTNet") from None
+
+
 
 
 # ----------------------------------------------------------------------------------------
@@ -365,7 +560,8 @@ def log_hparams(writer: SummaryWriter, args: argparse.Namespace, metrics: dict) 
     run's own `test accuracy` and `test loss` curves, whose last values the tab shows.
     """
     hparam_values = {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                     "momentum": args.momentum, "seed": args.seed, "lr_decay": args.lr_decay}
+                     "momentum": args.momentum, "weight_decay": args.weight_decay,
+                     "lr_decay": args.lr_decay, "seed": args.seed, "deterministic": args.deterministic}
     experiment, session_start, session_end = hparams(
         hparam_values, {"test accuracy": metrics["test_accuracy"], "test loss": metrics["test_loss"]})
     for summary in (experiment, session_start, session_end):
@@ -377,48 +573,90 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# Main
+# Main: one run, a sweep of runs, or the evaluation of a checkpoint
+
+
+def load_data(args: argparse.Namespace, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One split on the device: (raw uint8 images on the host, normalized images, labels)."""
+    raw_images, labels = load_mnist(args.data_dir, train=train)
+    return raw_images, normalize(raw_images.to(args.device)), labels.to(args.device)
+
+
+def config_of(args: argparse.Namespace) -> dict:
+    """The resolved flags of one run, as JSON-ready values (also stored in checkpoints)."""
+    skip = {"checkpoint", "resume", "evaluate"}
+    config = {key: value[0] if key in SWEEP_FLAGS and isinstance(value, list) else value
+              for key, value in vars(args).items() if key not in skip}
+    return {key: str(value) if isinstance(value, (Path, torch.device)) else value
+            for key, value in config.items()}
+
+
+def set_determinism(args: argparse.Namespace) -> None:
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
 
 def run(args: argparse.Namespace) -> dict:
-    """One training run: data, model, run directory, training, final logs. Returns its metrics."""
-    device = args.device
-    raw_train_images, train_labels = load_mnist(args.data_dir, train=True)
-    raw_test_images, test_labels = load_mnist(args.data_dir, train=False)
-    train_images = normalize(raw_train_images.to(device))
-    test_images = normalize(raw_test_images.to(device))
-    train_loader = DeviceLoader(train_images, train_labels.to(device), args.batch_size,
-                                shuffle=True, seed=args.seed)
-    test_loader = DeviceLoader(test_images, test_labels.to(device), args.test_batch_size)
+    """One training run (new or resumed): returns its final metrics."""
+    set_determinism(args)
+    raw_train_images, train_images, train_labels = load_data(args, train=True)
+    _, test_images, test_labels = load_data(args, train=False)
+    train_loader = DeviceLoader(train_images, train_labels, args.batch_size, shuffle=True, seed=args.seed)
+    test_loader = DeviceLoader(test_images, test_labels, args.test_batch_size)
 
     torch.manual_seed(args.seed)
-    net = MNISTNet().to(device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+    net = MNISTNet().to(args.device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * len(train_loader))
+    progress = Progress()
+    config = config_of(args)
+    if args.resume:
+        checkpoint = args.checkpoint
+        restore_model(net, checkpoint)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = Progress(**checkpoint["progress"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        run_dir = checkpoint["path"].parent.parent
+        print(f"Resuming {run_dir} at epoch {progress.epoch + 1}, batch {progress.batch}")
+    else:
+        run_dir = make_run_dir(args.log_dir, args.run_name, args)
+    config["run_dir"] = str(run_dir)
+    write_json(run_dir / "config.json", config)
+    print(f"Training on {args.device} with seed {args.seed}; logging to {run_dir}")
 
-    run_dir = make_run_dir(args.log_dir, args.run_name, args)
-    config = {key: str(value) if isinstance(value, (Path, torch.device)) else value
-              for key, value in vars(args).items()}
-    write_json(run_dir / "config.json", config | {"run_dir": str(run_dir)})
-    print(f"Training on {device} with seed {args.seed}; logging to {run_dir}")
+    def save(name: str) -> None:
+        save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {
+            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": progress.epoch,
+            "global_step": progress.epoch * len(train_loader) + progress.batch,
+            "progress": dataclasses.asdict(progress), "rng": {"torch": torch.get_rng_state()},
+            "config": config})
 
     writer = SummaryWriter(run_dir)
     try:
-        log_inputs(writer, net, raw_train_images, train_images)
-        started = time.perf_counter()
-        history = train(net, optimizer, train_loader, writer, args.epochs,
-                        scheduler=scheduler, test_loader=test_loader)
-        seconds = time.perf_counter() - started
+        with StopFlag() as stop:
+            if not args.resume:
+                log_inputs(writer, net, raw_train_images, train_images)
+            train(net, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
+                  test_loader=test_loader, progress=progress, save=save, stop=stop)
+        final = progress.history[-1]
         metrics = {
-            "test_accuracy": history[-1]["test_accuracy"],
-            "test_loss": history[-1]["test_loss"],
+            "test_accuracy": final["test_accuracy"],
+            "test_loss": final["test_loss"],
             "epochs": args.epochs,
-            "training_seconds": round(seconds, 3),
-            "images_per_second": round(args.epochs * len(train_labels) / seconds, 1),
+            "training_seconds": round(progress.seconds, 3),
+            "images_per_second": round(args.epochs * len(train_labels) / progress.seconds, 1),
         }
         log_embedding(writer, net, train_images, raw_train_images, train_labels,
                       args.num_embeddings, args.seed)
         log_hparams(writer, args, metrics)
+    except Interrupted as interrupted:
+        interrupted.run_dir = run_dir
+        raise
     finally:
         writer.close()
     write_json(run_dir / "metrics.json", metrics)
@@ -427,15 +665,67 @@ def run(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def evaluate(args: argparse.Namespace) -> float:
+    """Test a checkpoint on the test set; no training, no run directory."""
+    checkpoint = args.checkpoint
+    net = MNISTNet().to(args.device)
+    restore_model(net, checkpoint)
+    _, test_images, test_labels = load_data(args, train=False)
+    test_loss, test_accuracy = test(net, DeviceLoader(test_images, test_labels, args.test_batch_size))
+    print(f"Checkpoint: {checkpoint['path']} (epoch {checkpoint['epoch']})")
+    print(f"Test loss: {test_loss:.4f}")
+    print(f"Test accuracy: {test_accuracy:.4f}")
+    return test_accuracy
+
+
+def sweep(runs: list[argparse.Namespace]) -> list[dict]:
+    """Run each point of the grid in turn; a failed run is reported and the sweep goes on."""
+    results = []
+    for index, one_run in enumerate(runs, start=1):
+        values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
+        print(f"\n=== Sweep run {index}/{len(runs)}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        try:
+            metrics = run(one_run)
+            results.append(values | {"test_accuracy": metrics["test_accuracy"],
+                                     "test_loss": metrics["test_loss"], "status": "ok"})
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            results.append(values | {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"})
+    results.sort(key=lambda row: -1 if row["test_accuracy"] is None else row["test_accuracy"], reverse=True)
+    table_path = runs[0].log_dir / f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
+    with open(table_path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+    print("\nSweep results, best first:")
+    print(" ".join(f"{key:>14}" for key in results[0]))
+    for row in results:
+        print(" ".join(f"{'-' if value is None else value:>14}" for value in row.values()))
+    print(f"Saved to {table_path}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        if args.evaluate:
+            evaluate(args)
+            return 0
+        runs = expand_sweep(args)
+        if len(runs) == 1:
+            run(runs[0])
+        else:
+            sweep(runs)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Interrupted as interrupted:
+        print(f"Stopped by {interrupted}; state saved to {interrupted.run_dir / 'checkpoints' / 'last.pt'}.",
+              file=sys.stderr)
+        print(f"Resume with: python train_mnist.py --resume {interrupted.run_dir}", file=sys.stderr)
+        return 128 + interrupted.signum
     except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
+        print("\nInterrupted before training started; nothing to save.", file=sys.stderr)
         return 130
     return 0
 

@@ -3,14 +3,14 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 
 import train_mnist
+from conftest import REPO
 
 
 def test_seed_command_parses():
     args = train_mnist.parse_args(["--epochs=5", "--lr=1e-3", "--batch_size=64"])
-    assert (args.epochs, args.lr, args.batch_size) == (5, 1e-3, 64)
+    assert (args.epochs, args.lr, args.batch_size) == ([5], [1e-3], [64])
 
 
 def test_both_spellings_of_multi_word_flags():
@@ -21,7 +21,7 @@ def test_both_spellings_of_multi_word_flags():
         ["--batch-size=32", "--test-batch-size=50", "--data-dir=d", "--log-dir=l", "--run-name=r",
          "--num-embeddings=3", "--lr-decay=0"])
     assert vars(underscore) == vars(hyphen)
-    assert underscore.batch_size == 32 and underscore.test_batch_size == 50
+    assert underscore.batch_size == [32] and underscore.test_batch_size == 50
 
 
 def test_help_shows_every_flag_with_its_default(capsys):

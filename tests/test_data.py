@@ -4,9 +4,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, synthetic_digits, write_idx, write_mnist
 
 import train_mnist
+from conftest import REPO, synthetic_digits, write_idx, write_mnist
 
 
 def test_load_mnist_reads_real_idx_bytes(tmp_path):

@@ -1,0 +1,242 @@
+"""Experiment management: reproducibility, checkpoints, interrupt and resume, evaluate, sweeps."""
+
+import csv
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train_mnist
+from conftest import REPO, write_mnist
+
+FAST = ["--batch-size", "32", "--lr", "0.05", "--test-batch-size", "50", "--num-embeddings", "0",
+        "--device", "cpu"]
+TIMING_KEYS = {"training_seconds", "images_per_second"}
+
+
+def train_run(data_dir: Path, log_dir: Path, name: str, *extra: str) -> Path:
+    argv = [*FAST, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--run-name", name, *extra]
+    assert train_mnist.main(argv) == 0
+    return log_dir / name
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def metrics_without_timing(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {key: value for key, value in metrics.items() if key not in TIMING_KEYS}
+
+
+def test_same_seed_gives_bit_identical_weights_and_metrics(tmp_path, synthetic_data):
+    first = train_run(synthetic_data, tmp_path, "a", "--epochs", "2", "--seed", "7")
+    second = train_run(synthetic_data, tmp_path, "b", "--epochs", "2", "--seed", "7")
+    other = train_run(synthetic_data, tmp_path, "c", "--epochs", "2", "--seed", "8")
+    assert_same_weights(weights(first / "checkpoints/last.pt"), weights(second / "checkpoints/last.pt"))
+    assert metrics_without_timing(first) == metrics_without_timing(second)
+    assert not torch.equal(weights(first / "checkpoints/last.pt")["fc3.weight"],
+                           weights(other / "checkpoints/last.pt")["fc3.weight"])
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms(tmp_path, synthetic_data):
+    try:
+        run_dir = train_run(synthetic_data, tmp_path, "det", "--epochs", "1", "--deterministic")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    plain = train_run(synthetic_data, tmp_path, "plain", "--epochs", "1")
+    assert_same_weights(weights(run_dir / "checkpoints/last.pt"), weights(plain / "checkpoints/last.pt"))
+    assert json.loads((run_dir / "config.json").read_text())["deterministic"] is True
+
+
+def test_checkpoints_hold_the_whole_state_and_load_weights_only(tmp_path, synthetic_data):
+    run_dir = train_run(synthetic_data, tmp_path, "ck", "--epochs", "2")
+    last = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    best = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config", "progress"):
+        assert key in last
+    assert last["epoch"] == 2 and last["global_step"] == 2 * 10  # 320 digits in batches of 32
+    assert last["config"]["lr"] == 0.05 and last["config"]["epochs"] == 2
+    assert [row["epoch"] for row in last["progress"]["history"]] == [1, 2]
+    best_epoch = max(last["progress"]["history"], key=lambda row: row["test_accuracy"])["epoch"]
+    assert best["epoch"] == best_epoch
+    assert isinstance(last["rng"]["torch"], torch.Tensor)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    train_mnist.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+
+    def killed_before_rename(*args):
+        raise KeyboardInterrupt  # stands for the process dying between write and rename
+
+    monkeypatch.setattr(train_mnist.os, "replace", killed_before_rename)
+    with pytest.raises(KeyboardInterrupt):
+        train_mnist.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+
+
+def test_failed_checkpoint_write_is_reported_and_old_file_survives(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    train_mnist.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+
+    def disk_full(obj, file):
+        file.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_mnist.torch, "save", disk_full)
+    with pytest.raises(train_mnist.UserError, match="No space left on device.*previous checkpoint is kept"):
+        train_mnist.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+    assert os.listdir(path.parent) == ["last.pt"]  # no temporary file left behind
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, signum):
+    data_dir = write_mnist(tmp_path / "data", train_count=4000, test_count=200)
+    args = ["--epochs", "6", "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
+            "--device", "cpu", "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")]
+    reference = train_run(data_dir, tmp_path / "runs", "reference", *args)
+
+    run_dir = tmp_path / "runs" / "interrupted"
+    process = subprocess.Popen([sys.executable, str(REPO / "train_mnist.py"), *args, "--run-name",
+                                "interrupted"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "last.pt").exists():  # first epoch done: mid-training
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.5))
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert 1 <= stopped_at["epoch"] < 6
+    assert not (run_dir / "metrics.json").exists()
+
+    assert train_mnist.main(["--resume", str(run_dir)]) == 0
+    assert_same_weights(weights(reference / "checkpoints/last.pt"), weights(run_dir / "checkpoints/last.pt"))
+    resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(reference)
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6)  # same weights; a float32 ulp in the loss
+    steps = 6 * 500
+    assert scalar_steps(run_dir, "training loss/per step") == list(range(1, steps + 1))
+    assert scalar_steps(run_dir, "training loss") == [1, 2, 3, 4, 5, 6]
+
+
+def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
+    run_dir = train_run(synthetic_data, tmp_path, "ev", "--epochs", "2")
+    history = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["progress"]["history"]
+    capsys.readouterr()
+    before = sorted(tmp_path.iterdir())
+    assert train_mnist.main(["--evaluate", str(run_dir / "checkpoints" / "best.pt")]) == 0
+    best = max(row["test_accuracy"] for row in history)
+    assert f"Test accuracy: {best:.4f}" in capsys.readouterr().out
+    assert train_mnist.main(["--evaluate", str(run_dir)]) == 0  # a run folder means its last.pt
+    assert f"Test accuracy: {history[-1]['test_accuracy']:.4f}" in capsys.readouterr().out
+    assert sorted(tmp_path.iterdir()) == before
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def run_script(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "train_mnist.py"), *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flag", ["--evaluate", "--resume"])
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, flag):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as file:
+        pickle.dump({"model": RunsCodeWhenUnpickled(marker)}, file)
+    torch_saved = tmp_path / "evil-torch.pt"
+    torch.save({"model": RunsCodeWhenUnpickled(marker)}, torch_saved)
+    for path in (evil, torch_saved):
+        result = run_script(flag, str(path))
+        assert result.returncode == 1
+        assert "cannot be loaded safely" in result.stderr or "not a checkpoint" in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not marker.exists()
+
+
+def test_unusable_checkpoints_are_clear_errors(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(1000))
+    tensor_only = tmp_path / "tensor.pt"
+    torch.save(torch.ones(3), tensor_only)
+    other_net = tmp_path / "other.pt"
+    wrong = {key: torch.zeros(1) for key in train_mnist.MNISTNet().state_dict()}
+    torch.save({"model": wrong, "optimizer": {}, "scheduler": {}, "epoch": 1, "global_step": 1,
+                "progress": {}, "rng": {}, "config": {}}, other_net)
+    cases = [(garbage, "cannot be loaded safely"), (tensor_only, "not a train_mnist.py checkpoint"),
+             (tmp_path / "missing.pt", "no checkpoint at"), (other_net, "different network")]
+    for path, message in cases:
+        for flag in ("--evaluate", "--resume"):
+            result = run_script(flag, str(path), "--data-dir", str(write_mnist(tmp_path / "d")),
+                                "--log-dir", str(tmp_path / "runs"), "--device", "cpu")
+            assert result.returncode == 1, (path, flag, result.stderr)
+            assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data, capsys):
+    argv = ["--lr", "0.05", "0.01", "--batch-size", "32", "64", "--epochs", "1", "--num-embeddings", "0",
+            "--device", "cpu", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
+    assert train_mnist.main(argv) == 0
+    run_dirs = sorted(path for path in (tmp_path / "runs").iterdir() if path.is_dir())
+    assert len(run_dirs) == 4
+    configs = {(c["lr"], c["batch_size"]) for c in
+               (json.loads((d / "config.json").read_text()) for d in run_dirs)}
+    assert configs == {(0.05, 32), (0.05, 64), (0.01, 32), (0.01, 64)}
+    for run_dir in run_dirs:
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    (table,) = (tmp_path / "runs").glob("sweep-*.csv")
+    rows = list(csv.DictReader(open(table)))
+    assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
+    accuracies = [float(row["test_accuracy"]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert "Sweep results, best first" in capsys.readouterr().out
+
+
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data):
+    argv = ["--lr", "1e6", "0.05", "--epochs", "1", "--num-embeddings", "0", "--device", "cpu",
+            "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
+    assert train_mnist.main(argv) == 0
+    (table,) = (tmp_path / "runs").glob("sweep-*.csv")
+    rows = list(csv.DictReader(open(table)))
+    assert [row["lr"] for row in rows] == ["0.05", "1000000.0"]
+    assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
