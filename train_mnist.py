@@ -109,30 +109,32 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add = parser.add_argument
-    add("--epochs", type=positive_int, nargs="+", default=[10], help="passes over the training set")
-    add("--lr", type=positive_float, nargs="+", default=[0.02], help="peak learning rate of SGD")
+    add("--epochs", type=positive_int, nargs="+", default=[10], metavar="N",
+        help="passes over the training set")
+    add("--lr", type=positive_float, nargs="+", default=[0.02], metavar="LR",
+        help="peak learning rate of SGD")
     add("--batch_size", "--batch-size", dest="batch_size", type=positive_int, nargs="+", default=[64],
-        help="training images per step")
-    add("--momentum", type=momentum_float, nargs="+", default=[0.9], help="SGD momentum")
-    add("--weight_decay", "--weight-decay", dest="weight_decay", type=non_negative_float,
+        metavar="N", help="training images per step")
+    add("--momentum", type=momentum_float, nargs="+", default=[0.9], metavar="M", help="SGD momentum")
+    add("--weight_decay", "--weight-decay", dest="weight_decay", type=non_negative_float, metavar="WD",
         default=5e-4, help="SGD weight decay (L2 penalty)")
-    add("--lr_decay", "--lr-decay", dest="lr_decay", type=unit_fraction, default=0.2,
+    add("--lr_decay", "--lr-decay", dest="lr_decay", type=unit_fraction, metavar="FRACTION", default=0.2,
         help="final fraction of the steps over which the learning rate falls linearly from "
              "--lr to 0 (0: constant)")
-    add("--seed", type=int, default=1, help="seed of the weights and of the batch order")
+    add("--seed", type=int, metavar="N", default=1, help="seed of the weights and of the batch order")
     add("--deterministic", action="store_true",
         help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
         help="where to train; auto takes CUDA if available, else MPS, else the CPU")
-    add("--data_dir", "--data-dir", dest="data_dir", type=Path, default=Path("data"),
+    add("--data_dir", "--data-dir", dest="data_dir", type=Path, metavar="DIR", default=Path("data"),
         help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if absent")
-    add("--log_dir", "--log-dir", dest="log_dir", type=Path, default=Path("runs"),
+    add("--log_dir", "--log-dir", dest="log_dir", type=Path, metavar="DIR", default=Path("runs"),
         help="TensorBoard folder; each run gets its own sub-folder")
-    add("--run_name", "--run-name", dest="run_name", default=None,
+    add("--run_name", "--run-name", dest="run_name", metavar="NAME", default=None,
         help="name of this run's folder (default: time stamp and key hyper-parameters)")
-    add("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=positive_int,
+    add("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=positive_int, metavar="N",
         default=1000, help="images per evaluation batch")
-    add("--num_embeddings", "--num-embeddings", dest="num_embeddings", type=non_negative_int,
+    add("--num_embeddings", "--num-embeddings", dest="num_embeddings", type=non_negative_int, metavar="N",
         default=256, help="training images shown in the projector (0: none)")
     add("--resume", type=Path, default=None, metavar="PATH",
         help="continue the run of this checkpoint (or run folder) up to --epochs in total")

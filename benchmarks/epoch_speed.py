@@ -13,6 +13,7 @@ three ways, interleaved in one process run, and prints the ratios:
 import argparse
 import contextlib
 import io
+import os
 import platform
 import statistics
 import sys
@@ -84,6 +85,16 @@ def time_course(loader, device) -> float:
     return time.perf_counter() - started
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/raw/")
@@ -113,8 +124,9 @@ def main() -> None:
               file=sys.stderr)
 
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"device {device}, torch {torch.__version__}; median of {args.repeats} epochs, batch {BATCH_SIZE}")
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    print(f"\nMachine: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads{gpu}, "
+          f"torch {torch.__version__}; median of {args.repeats} epochs, batch {BATCH_SIZE}")
     print("| pipeline | seconds / epoch | images / s | vs floor |")
     print("|---|---:|---:|---:|")
     for name in ("floor", "ours", "course"):

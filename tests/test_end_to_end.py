@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
@@ -118,3 +119,17 @@ def test_real_mnist_one_epoch_reaches_97_percent(real_data_dir, tmp_path, capsys
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.97
     assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_on_each_available_device(tmp_path, synthetic_data, device):
+    """CPU everywhere; CUDA too on a machine that has it (data, model and batches on the GPU)."""
+    code = train_mnist.main(["--epochs", "2", "--lr", "0.05", "--num-embeddings", "16", "--device", device,
+                             "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")])
+    assert code == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["device"] == device
+    assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] > 0.9
