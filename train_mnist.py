@@ -26,12 +26,16 @@ import time
 import warnings
 from pathlib import Path
 
+import matplotlib
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
+
+matplotlib.use("Agg")  # figures are drawn into TensorBoard images, never shown on screen
+import matplotlib.pyplot as plt  # noqa: E402
 
 from models import MNISTNet
 
@@ -308,6 +312,7 @@ class Progress:
     loss_sum: float = 0.0  # sum of those batches' losses, for the epoch's mean
     best_accuracy: float = -1.0
     seconds: float = 0.0  # training time so far, over all sessions of the run
+    logging_seconds: float = 0.0  # time spent on histograms, figures and embeddings
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
 
 
@@ -368,19 +373,33 @@ def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, load
     return step_losses[:len(step_lrs)].tolist(), step_lrs
 
 
+@dataclasses.dataclass
+class Evaluation:
+    """One pass over the test set: the numbers, and the logits for the figures."""
+
+    loss: float
+    accuracy: float
+    logits: torch.Tensor  # (N, 10), on the device
+    labels: torch.Tensor  # (N,)
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    def class_accuracy(self) -> list[float]:
+        """Accuracy on the test digits of each class, 0 to 9."""
+        hits = torch.bincount(self.labels[self.predictions == self.labels], minlength=10)
+        return (hits / torch.bincount(self.labels, minlength=10).clamp(min=1)).tolist()
+
+
 @torch.no_grad()
-def test(model: MNISTNet, loader: DeviceLoader) -> tuple[float, float]:
+def test(model: MNISTNet, loader: DeviceLoader) -> Evaluation:
     """Mean cross-entropy and accuracy over the whole loader."""
     model.eval()
-    device = loader.labels.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for images, labels in loader:
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        correct += (logits.argmax(dim=1) == labels).sum()
-    count = len(loader.labels)
-    return loss_sum.item() / count, correct.item() / count
+    logits = torch.cat([model(images) for images, _ in loader])
+    loss = F.cross_entropy(logits, loader.labels, reduction="sum").item() / len(loader.labels)
+    accuracy = (logits.argmax(dim=1) == loader.labels).sum().item() / len(loader.labels)
+    return Evaluation(loss, accuracy, logits, loader.labels)
 
 
 def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
@@ -412,11 +431,15 @@ def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
             save("last")
             raise Interrupted(stop.signum)
 
-        test_loss, test_accuracy = test(net, test_loader)
+        result = test(net, test_loader)
+        test_loss, test_accuracy = result.loss, result.accuracy
         train_loss = progress.loss_sum / steps_per_epoch
         writer.add_scalar("training loss", train_loss, epoch)
         writer.add_scalar("test loss", test_loss, epoch)
         writer.add_scalar("test accuracy", test_accuracy, epoch)
+        started = time.perf_counter()
+        log_epoch_details(writer, net, result, epoch)
+        progress.logging_seconds += time.perf_counter() - started
         progress.history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                                  "test_accuracy": test_accuracy})
         progress.epoch, progress.batch, progress.loss_sum = epoch, 0, 0.0
@@ -541,9 +564,14 @@ def log_inputs(writer: SummaryWriter, net: MNISTNet, raw_images: torch.Tensor,
 
 
 @torch.no_grad()
-def log_embedding(writer: SummaryWriter, net: MNISTNet, images: torch.Tensor,
-                  raw_images: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> None:
-    """Learned 256-d features of `count` random training digits, for the projector."""
+def log_embedding(writer: SummaryWriter, tag: str, net: MNISTNet, images: torch.Tensor,
+                  raw_images: torch.Tensor, labels: torch.Tensor, count: int, seed: int,
+                  predictions: torch.Tensor | None = None) -> None:
+    """Learned 256-d features of `count` random digits, for the projector.
+
+    Labelled with the digit, and with the network's prediction too when given, so that the
+    projector can colour the points by either.
+    """
     if count == 0:
         return
     pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count]
@@ -551,8 +579,80 @@ def log_embedding(writer: SummaryWriter, net: MNISTNet, images: torch.Tensor,
     features = net.get_features(images[pick.to(images.device)]).cpu()
     # Thumbnails in [0, 1]: raw 0-255 values would saturate the sprite to white.
     thumbnails = raw_images[pick].unsqueeze(1).float() / 255
-    writer.add_embedding(features, metadata=labels[pick].tolist(), label_img=thumbnails,
-                         tag="train features")
+    chosen_labels = labels[pick.to(labels.device)].tolist()
+    if predictions is None:
+        metadata, header = chosen_labels, None
+    else:
+        chosen_predictions = predictions[pick.to(predictions.device)].tolist()
+        metadata = [list(pair) for pair in zip(chosen_labels, chosen_predictions)]
+        header = ["label", "prediction"]
+    writer.add_embedding(features, metadata=metadata, metadata_header=header, label_img=thumbnails, tag=tag)
+
+
+def log_epoch_details(writer: SummaryWriter, net: MNISTNet, result: Evaluation, epoch: int) -> None:
+    """Every epoch: weight and gradient histograms, accuracy per digit, the conv1 filters."""
+    for name, parameter in net.named_parameters():
+        writer.add_histogram(f"weights/{name}", parameter.detach(), epoch)
+        if parameter.grad is not None:  # the gradient of the epoch's last step
+            writer.add_histogram(f"gradients/{name}", parameter.grad, epoch)
+    for digit, accuracy in enumerate(result.class_accuracy()):
+        writer.add_scalar(f"test accuracy per digit/{digit}", accuracy, epoch)
+    filters = net.conv1.weight.detach().cpu()  # (8, 1, 5, 5)
+    low = filters.amin(dim=(1, 2, 3), keepdim=True)
+    high = filters.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = (filters - low) / (high - low).clamp(min=1e-8)  # each filter stretched to [0, 1]
+    enlarged = F.interpolate(scaled, scale_factor=8, mode="nearest")  # 5x5 is too small to see
+    writer.add_image("conv1 filters", torchvision.utils.make_grid(enlarged, nrow=8, pad_value=1), epoch)
+
+
+def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """counts[true, predicted]: how many test digits of each class got each prediction."""
+    return torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10).cpu()
+
+
+def confusion_figure(labels: torch.Tensor, predictions: torch.Tensor) -> plt.Figure:
+    counts = confusion_counts(labels, predictions)
+    figure, axes = plt.subplots(figsize=(6.5, 6))
+    axes.imshow(counts.clamp(max=int(counts.max()) // 10 or 1).numpy(), cmap="Blues")  # clamped: errors show
+    for true in range(10):
+        for predicted in range(10):
+            count = int(counts[true, predicted])
+            axes.text(predicted, true, count, ha="center", va="center", fontsize=8,
+                      color="white" if true == predicted else "black")
+    axes.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit",
+             title="Confusion matrix of the test set (counts)")
+    figure.tight_layout()
+    return figure
+
+
+def misclassified_figure(raw_images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+                         count: int = 36) -> plt.Figure:
+    wrong = (predictions != labels).nonzero().flatten()[:count].cpu()
+    columns = 6
+    rows = max(1, math.ceil(len(wrong) / columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for axes, index in zip(grid.flat, wrong.tolist()):
+        axes.imshow(raw_images[index].numpy(), cmap="gray")
+        axes.set_title(f"true {int(labels[index])}\npred {int(predictions[index])}", fontsize=8)
+    figure.suptitle(f"Misclassified test digits (first {len(wrong)})", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def log_final_details(writer: SummaryWriter, net: MNISTNet, result: Evaluation, raw_test_images: torch.Tensor,
+                      test_images: torch.Tensor, epoch: int, num_embeddings: int, seed: int) -> None:
+    """After training, from the test set: confusion matrix, mistakes, PR curves, embedding."""
+    labels, predictions = result.labels, result.predictions
+    writer.add_figure("confusion matrix", confusion_figure(labels, predictions), epoch)
+    mistakes = misclassified_figure(raw_test_images, labels, predictions)
+    writer.add_figure("misclassified digits", mistakes, epoch)
+    probabilities = F.softmax(result.logits, dim=1).cpu()
+    for digit in range(10):
+        writer.add_pr_curve(f"pr curve/{digit}", (labels == digit).cpu(), probabilities[:, digit], epoch)
+    log_embedding(writer, "test features", net, test_images, raw_test_images, labels, num_embeddings, seed,
+                  predictions=predictions)
 
 
 def log_hparams(writer: SummaryWriter, args: argparse.Namespace, metrics: dict) -> None:
@@ -604,7 +704,7 @@ def run(args: argparse.Namespace) -> dict:
     """One training run (new or resumed): returns its final metrics."""
     set_determinism(args)
     raw_train_images, train_images, train_labels = load_data(args, train=True)
-    _, test_images, test_labels = load_data(args, train=False)
+    raw_test_images, test_images, test_labels = load_data(args, train=False)
     train_loader = DeviceLoader(train_images, train_labels, args.batch_size, shuffle=True, seed=args.seed)
     test_loader = DeviceLoader(test_images, test_labels, args.test_batch_size)
 
@@ -645,6 +745,12 @@ def run(args: argparse.Namespace) -> dict:
                 log_inputs(writer, net, raw_train_images, train_images)
             train(net, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
                   test_loader=test_loader, progress=progress, save=save, stop=stop)
+        started = time.perf_counter()
+        log_embedding(writer, "train features", net, train_images, raw_train_images, train_labels,
+                      args.num_embeddings, args.seed)
+        log_final_details(writer, net, test(net, test_loader), raw_test_images, test_images,
+                          args.epochs, args.num_embeddings, args.seed)
+        progress.logging_seconds += time.perf_counter() - started
         final = progress.history[-1]
         metrics = {
             "test_accuracy": final["test_accuracy"],
@@ -652,9 +758,8 @@ def run(args: argparse.Namespace) -> dict:
             "epochs": args.epochs,
             "training_seconds": round(progress.seconds, 3),
             "images_per_second": round(args.epochs * len(train_labels) / progress.seconds, 1),
+            "visualization_seconds": round(progress.logging_seconds, 3),
         }
-        log_embedding(writer, net, train_images, raw_train_images, train_labels,
-                      args.num_embeddings, args.seed)
         log_hparams(writer, args, metrics)
     except Interrupted as interrupted:
         interrupted.run_dir = run_dir
@@ -673,11 +778,11 @@ def evaluate(args: argparse.Namespace) -> float:
     net = MNISTNet().to(args.device)
     restore_model(net, checkpoint)
     _, test_images, test_labels = load_data(args, train=False)
-    test_loss, test_accuracy = test(net, DeviceLoader(test_images, test_labels, args.test_batch_size))
+    result = test(net, DeviceLoader(test_images, test_labels, args.test_batch_size))
     print(f"Checkpoint: {checkpoint['path']} (epoch {checkpoint['epoch']})")
-    print(f"Test loss: {test_loss:.4f}")
-    print(f"Test accuracy: {test_accuracy:.4f}")
-    return test_accuracy
+    print(f"Test loss: {result.loss:.4f}")
+    print(f"Test accuracy: {result.accuracy:.4f}")
+    return result.accuracy
 
 
 def sweep(runs: list[argparse.Namespace]) -> list[dict]:

@@ -80,13 +80,13 @@ def test_hparams_row_lives_in_the_run_itself(small_run):
 
 def test_projector_files_hold_features_labels_and_readable_sprite(small_run):
     config = (small_run / "projector_config.pbtxt").read_text()
-    assert "tensors.tsv" in config and "metadata.tsv" in config and "sprite.png" in config
-    (folder,) = [path for path in (small_run / "00000").iterdir()]
-    tensors = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
+    assert config.count("tensors.tsv") == 2 and "metadata.tsv" in config and "sprite.png" in config
+    train_folder = small_run / "00000" / "train features"
+    tensors = np.loadtxt(train_folder / "tensors.tsv", delimiter="\t")
     assert tensors.shape == (40, 256)
-    labels = (folder / "metadata.tsv").read_text().split()
+    labels = (train_folder / "metadata.tsv").read_text().split()
     assert len(labels) == 40 and set(labels) <= set("0123456789")
-    sprite = np.asarray(Image.open(folder / "sprite.png"))
+    sprite = np.asarray(Image.open(train_folder / "sprite.png"))
     assert 0 < sprite.mean() < 128  # thumbnails in [0, 1]: mostly dark background
 
 

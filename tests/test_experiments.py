@@ -20,7 +20,7 @@ from conftest import REPO, write_mnist
 
 FAST = ["--batch-size", "32", "--lr", "0.05", "--test-batch-size", "50", "--num-embeddings", "0",
         "--device", "cpu"]
-TIMING_KEYS = {"training_seconds", "images_per_second"}
+TIMING_KEYS = {"training_seconds", "images_per_second", "visualization_seconds"}
 
 
 def train_run(data_dir: Path, log_dir: Path, name: str, *extra: str) -> Path:

@@ -1,0 +1,173 @@
+"""What a run shows about the model: histograms, per-digit accuracy, figures, PR curves, embeddings,
+checked in the event files and through a real TensorBoard server."""
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train_mnist
+from conftest import synthetic_digits, write_mnist
+from models import MNISTNet
+
+EPOCHS = 2
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("visual")
+    argv = ["--epochs", str(EPOCHS), "--lr", "0.05", "--num-embeddings", "30", "--device", "cpu",
+            "--data-dir", str(write_mnist(root / "data")), "--log-dir", str(root / "runs"), "--run-name", "v"]
+    assert train_mnist.main(argv) == 0
+    return root / "runs" / "v"
+
+
+def events_of(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0,
+                                                           "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_weight_and_gradient_histograms_every_epoch(run_dir):
+    events = events_of(run_dir)
+    for name, _ in MNISTNet().named_parameters():
+        for kind in ("weights", "gradients"):
+            assert [event.step for event in events.Histograms(f"{kind}/{name}")] == [1, 2]
+
+
+def test_accuracy_per_digit_every_epoch_adds_up(run_dir):
+    events = events_of(run_dir)
+    per_digit = [events.Scalars(f"test accuracy per digit/{digit}") for digit in range(10)]
+    assert all([event.step for event in curve] == [1, 2] for curve in per_digit)
+    _, test_labels = synthetic_digits(100, seed=0)  # the test split write_mnist wrote
+    counts = np.bincount(test_labels, minlength=10)
+    for epoch in range(EPOCHS):
+        weighted = sum(curve[epoch].value * count for curve, count in zip(per_digit, counts)) / counts.sum()
+        assert weighted == pytest.approx(events.Scalars("test accuracy")[epoch].value, abs=1e-6)
+
+
+def test_evaluation_class_accuracy_and_confusion_counts():
+    labels = torch.tensor([0, 0, 1, 1, 1, 2])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1, 2, 2]), 10).float()
+    result = train_mnist.Evaluation(loss=0.0, accuracy=4 / 6, logits=logits, labels=labels)
+    assert result.class_accuracy()[:3] == pytest.approx([0.5, 2 / 3, 1.0])
+    counts = train_mnist.confusion_counts(labels, result.predictions)
+    assert counts[0, 0] == 1 and counts[0, 1] == 1 and counts[1, 1] == 2 and counts[1, 2] == 1
+    assert counts.sum() == 6
+
+
+def test_misclassified_figure_titles_true_and_predicted_labels():
+    raw = torch.randint(0, 255, (50, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(50) % 10
+    predictions = labels.clone()
+    predictions[[3, 17, 42]] = torch.tensor([5, 0, 9])
+    figure = train_mnist.misclassified_figure(raw, labels, predictions)
+    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+    assert titles == ["true 3\npred 5", "true 7\npred 0", "true 2\npred 9"]
+
+
+def image_of(events: EventAccumulator, tag: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string)))
+
+
+def test_figures_and_filters_are_images(run_dir):
+    events = events_of(run_dir)
+    for tag in ("confusion matrix", "misclassified digits"):
+        picture = image_of(events, tag)
+        assert picture.shape[0] >= 100 and picture.shape[1] > 200 and picture.std() > 10
+    filters = events.Images("conv1 filters")
+    assert [image.step for image in filters] == [1, 2]
+    assert (filters[-1].width, filters[-1].height) == (8 * 42 + 2, 42 + 2)  # 8 filters of 40x40, padded
+
+
+def test_precision_recall_curve_per_digit(run_dir):
+    content = events_of(run_dir).PluginTagToContent("pr_curves")
+    assert set(content) == {f"pr curve/{digit}" for digit in range(10)}
+
+
+def test_test_embedding_has_label_and_prediction_columns(run_dir):
+    folder = run_dir / "00000" / "test features"
+    rows = (folder / "metadata.tsv").read_text().strip().splitlines()
+    assert rows[0] == "label\tprediction" and len(rows) == 31
+    assert all(len(row.split("\t")) == 2 for row in rows[1:])
+    assert np.loadtxt(folder / "tensors.tsv", delimiter="\t").shape == (30, 256)
+    assert (run_dir / "00000" / "train features" / "sprite.png").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch(url: str, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_a_real_tensorboard_serves_everything(run_dir):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}/data"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                if fetch(f"{base}/runs") == ["v"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "TensorBoard did not answer within 90 s"
+            time.sleep(0.5)
+
+        scalars = fetch(f"{base}/plugin/scalars/tags")["v"]
+        assert {"training loss", "training loss/per step", "test loss", "test accuracy",
+                "learning rate", "test accuracy per digit/0"} <= set(scalars)
+        points = fetch(f"{base}/plugin/scalars/scalars?run=v&tag=training%20loss")
+        assert [step for _, step, _ in points] == [1, 2]
+        assert {"mnist_images", "conv1 filters", "confusion matrix", "misclassified digits"} <= set(
+            fetch(f"{base}/plugin/images/tags")["v"])
+        assert fetch(f"{base}/plugin/graphs/info")["v"]["run_graph"] is True
+        assert "weights/conv1.weight" in fetch(f"{base}/plugin/histograms/tags")["v"]
+        assert "gradients/fc3.weight" in fetch(f"{base}/plugin/histograms/tags")["v"]
+        assert len(fetch(f"{base}/plugin/pr_curves/tags")["v"]) == 10
+        assert fetch(f"{base}/plugin/projector/runs") == ["v"]
+        embeddings = fetch(f"{base}/plugin/projector/info?run=v")["embeddings"]
+        assert {e["tensorName"].split(":")[0] for e in embeddings} == {"train features", "test features"}
+        assert all(e["tensorShape"] == [30, 256] and "sprite" in e for e in embeddings)
+
+        experiment = fetch(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
+        hparam_names = {info["name"] for info in experiment["hparamInfos"]}
+        assert {"lr", "batch_size", "epochs", "momentum", "seed"} <= hparam_names
+        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {"test accuracy", "test loss"}
+        groups = fetch(f"{base}/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [],
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
+        (group,) = groups["sessionGroups"]
+        assert group["hparams"]["lr"] == pytest.approx(0.05)
+        accuracy = json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
+        metric = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        assert metric["test accuracy"] == pytest.approx(accuracy)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
