@@ -14,6 +14,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -40,12 +41,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from models import MNISTNet
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1]
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+MNIST_MD5 = {  # the published checksums of the four uncompressed files
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MNIST_FILES = tuple(MNIST_MD5)
 SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # flags that take several values
 # Flags a resumed run takes from its checkpoint unless given again on the command line.
 RESUMED_FLAGS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "test_batch_size",
@@ -125,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr_decay", "--lr-decay", dest="lr_decay", type=unit_fraction, metavar="FRACTION", default=0.2,
         help="final fraction of the steps over which the learning rate falls linearly from "
              "--lr to 0 (0: constant)")
-    add("--seed", type=int, metavar="N", default=1, help="seed of the weights and of the batch order")
+    add("--seed", type=non_negative_int, metavar="N", default=1,
+        help="seed of the weights and of the batch order")
     add("--deterministic", action="store_true",
         help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
@@ -140,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000, help="images per evaluation batch")
     add("--num_embeddings", "--num-embeddings", dest="num_embeddings", type=non_negative_int, metavar="N",
         default=256, help="training images shown in the projector (0: none)")
+    add("--verify_data", "--verify-data", dest="verify_data", action="store_true",
+        help="check the MNIST files against the published checksums before using them")
     add("--resume", type=Path, default=None, metavar="PATH",
         help="continue the run of this checkpoint (or run folder) up to --epochs in total")
     add("--evaluate", type=Path, default=None, metavar="PATH",
@@ -205,12 +210,18 @@ def expand_sweep(args: argparse.Namespace) -> list[argparse.Namespace]:
 # Data: each split is read once and then lives as one normalized tensor on the device.
 
 
-def load_mnist(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one split as (uint8 images N x 28 x 28, int64 labels), downloading MNIST if absent."""
+def load_mnist(data_dir: Path, train: bool, verify: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one split as (uint8 images N x 28 x 28, int64 labels), downloading MNIST if absent.
+
+    With `verify`, the files must also match the published checksums.
+    """
     raw_dir = data_dir / "MNIST" / "raw"
     images_file, labels_file = (raw_dir / name for name in (MNIST_FILES[:2] if train else MNIST_FILES[2:]))
     if not (images_file.exists() and labels_file.exists()):
         download_mnist(data_dir)
+    if verify:
+        for path in (images_file, labels_file):
+            verify_checksum(path)
     image_count = check_idx_file(images_file, (28, 28))
     label_count = check_idx_file(labels_file, ())
     if image_count != label_count:
@@ -233,6 +244,16 @@ def download_mnist(data_dir: Path) -> None:
             f"files {', '.join(MNIST_FILES)} (uncompressed) there, or point --data-dir at the "
             "folder that holds MNIST/raw/."
         ) from None
+
+
+def verify_checksum(path: Path) -> None:
+    try:
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}; {REFETCH}") from None
+    if digest != MNIST_MD5[path.name]:
+        raise UserError(f"{path} does not match the published MNIST file (md5 {digest}, expected "
+                        f"{MNIST_MD5[path.name]}); {REFETCH}")
 
 
 def check_idx_file(path: Path, item_shape: tuple[int, ...]) -> int:
@@ -424,9 +445,10 @@ def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
         progress.batch += len(step_losses)
         progress.loss_sum += sum(step_losses)
         progress.seconds += time.perf_counter() - started
-        if not math.isfinite(progress.loss_sum):
-            raise UserError(f"training diverged: the loss became {progress.loss_sum} in epoch {epoch}; "
-                            f"try a smaller --lr (this run used {optimizer.param_groups[0]['initial_lr']:g})")
+        if not (math.isfinite(progress.loss_sum) and all(p.isfinite().all() for p in net.parameters())):
+            raise UserError(f"training diverged in epoch {epoch}: the loss or the weights are no longer "
+                            f"finite; try a smaller --lr (this run used "
+                            f"{optimizer.param_groups[0]['initial_lr']:g})")
         if progress.batch < steps_per_epoch:  # stopped mid-epoch
             save("last")
             raise Interrupted(stop.signum)
@@ -529,28 +551,25 @@ def restore_model(net: MNISTNet, checkpoint: dict) -> None:
 
 
 def make_run_dir(log_dir: Path, run_name: str | None, args: argparse.Namespace) -> Path:
-    """Create a fresh run folder; two runs never share one."""
+    """Create a fresh run folder; two runs never share one, even when started together."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = run_name or f"{stamp}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs}_mom{args.momentum:g}"
     try:
         log_dir.mkdir(parents=True, exist_ok=True)
-        if run_name is not None:
-            run_dir = log_dir / run_name
-            run_dir.mkdir()
-            return run_dir
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = f"{stamp}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs}_mom{args.momentum:g}"
-        for attempt in range(1000):
+        for attempt in range(1 if run_name else 1000):
             run_dir = log_dir / (base if attempt == 0 else f"{base}_{attempt + 1}")
             try:
                 run_dir.mkdir()  # atomic: of two runs racing for a name, one gets it
                 return run_dir
             except FileExistsError:
                 continue
-    except FileExistsError:
-        raise UserError(f"run {run_dir} already exists; pick another --run-name") from None
     except OSError as error:
         raise UserError(f"cannot create a run folder in {log_dir}: {error.strerror}; "
                         "fix its permissions or pick another --log-dir") from None
-    raise UserError(f"too many runs named {base}* in {log_dir}")
+    if run_name:
+        raise UserError(f"run {log_dir / run_name} already exists; pick another --run-name, "
+                        f"or continue it with --resume {log_dir / run_name}")
+    raise UserError(f"too many runs named {base}* in {log_dir}; pick a --run-name")
 
 
 def log_inputs(writer: SummaryWriter, net: MNISTNet, raw_images: torch.Tensor,
@@ -671,7 +690,15 @@ def log_hparams(writer: SummaryWriter, args: argparse.Namespace, metrics: dict) 
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    """Write atomically, like the checkpoints: a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror}; free some disk space or "
+                        "pick another --log-dir") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -680,7 +707,7 @@ def write_json(path: Path, data: dict) -> None:
 
 def load_data(args: argparse.Namespace, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One split on the device: (raw uint8 images on the host, normalized images, labels)."""
-    raw_images, labels = load_mnist(args.data_dir, train=train)
+    raw_images, labels = load_mnist(args.data_dir, train=train, verify=args.verify_data)
     return raw_images, normalize(raw_images.to(args.device)), labels.to(args.device)
 
 
