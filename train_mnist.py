@@ -59,11 +59,12 @@ class UserError(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped on SIGINT or SIGTERM after saving its state; exit code 128 + signal."""
+    """Stopped by SIGINT or SIGTERM (after saving the state, if training); exit code 128 + signal."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.run_dir: Path | None = None  # the run to resume, once it has a checkpoint
 
 
 # ----------------------------------------------------------------------------------------
@@ -338,14 +339,18 @@ class Progress:
 
 
 class StopFlag:
-    """Turns SIGINT and SIGTERM into a request that training honours between two steps.
+    """SIGINT and SIGTERM, handled for the whole program.
 
-    Stopping between steps, never inside one, means the saved state is always consistent;
-    a second signal while saving changes nothing.
+    While a run is under way (`deferred`), a signal only asks to stop: training honours it
+    between two steps by saving the state and raising Interrupted, so the saved state is
+    always consistent and no library is interrupted halfway. Before a run has a folder there
+    is nothing to save, and the signal raises Interrupted at once. Once stopping, further
+    signals change nothing, so a second Ctrl-C cannot break a checkpoint being written.
     """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.deferred = False
 
     def __enter__(self) -> "StopFlag":
         self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -353,12 +358,17 @@ class StopFlag:
 
     def __exit__(self, *exc_info) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            # Once stopping, the program is on its way out: a late signal must not turn the
+            # clean exit into a KeyboardInterrupt traceback.
+            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
 
     def _request(self, signum: int, frame) -> None:
-        if self.signum is None:
-            self.signum = signum
-            tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state...")
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state...")
 
 
 def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, loader: DeviceLoader,
@@ -377,6 +387,8 @@ def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, load
                     initial=first_batch, unit="batch", dynamic_ncols=True)
     with progress:
         for step, (images, labels) in enumerate(progress):
+            if stop is not None and stop.signum is not None:
+                break
             loss = F.cross_entropy(net(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -389,8 +401,6 @@ def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, load
                 progress.set_postfix(loss=f"{recent_loss:.4f}")
                 if not math.isfinite(recent_loss):
                     break  # diverged: train() reports it
-            if stop is not None and stop.signum is not None:
-                break
     return step_losses[:len(step_lrs)].tolist(), step_lrs
 
 
@@ -727,7 +737,7 @@ def set_determinism(args: argparse.Namespace) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     """One training run (new or resumed): returns its final metrics."""
     set_determinism(args)
     raw_train_images, train_images, train_labels = load_data(args, train=True)
@@ -742,6 +752,7 @@ def run(args: argparse.Namespace) -> dict:
     scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * len(train_loader))
     progress = Progress()
     config = config_of(args)
+    stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
     if args.resume:
         checkpoint = args.checkpoint
         restore_model(net, checkpoint)
@@ -767,11 +778,10 @@ def run(args: argparse.Namespace) -> dict:
 
     writer = SummaryWriter(run_dir)
     try:
-        with StopFlag() as stop:
-            if not args.resume:
-                log_inputs(writer, net, raw_train_images, train_images)
-            train(net, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
-                  test_loader=test_loader, progress=progress, save=save, stop=stop)
+        if not args.resume:
+            log_inputs(writer, net, raw_train_images, train_images)
+        train(net, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
+              test_loader=test_loader, progress=progress, save=save, stop=stop)
         started = time.perf_counter()
         log_embedding(writer, "train features", net, train_images, raw_train_images, train_labels,
                       args.num_embeddings, args.seed)
@@ -788,12 +798,14 @@ def run(args: argparse.Namespace) -> dict:
             "visualization_seconds": round(progress.logging_seconds, 3),
         }
         log_hparams(writer, args, metrics)
+        write_json(run_dir / "metrics.json", metrics)
     except Interrupted as interrupted:
-        interrupted.run_dir = run_dir
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            interrupted.run_dir = run_dir
         raise
     finally:
+        stop.deferred = False
         writer.close()
-    write_json(run_dir / "metrics.json", metrics)
     print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
     print(f"Run directory: {run_dir}")
     return metrics
@@ -812,14 +824,16 @@ def evaluate(args: argparse.Namespace) -> float:
     return result.accuracy
 
 
-def sweep(runs: list[argparse.Namespace]) -> list[dict]:
+def sweep(runs: list[argparse.Namespace], stop: StopFlag) -> list[dict]:
     """Run each point of the grid in turn; a failed run is reported and the sweep goes on."""
     results = []
     for index, one_run in enumerate(runs, start=1):
+        if stop.signum is not None:
+            raise Interrupted(stop.signum)
         values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
         print(f"\n=== Sweep run {index}/{len(runs)}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
         try:
-            metrics = run(one_run)
+            metrics = run(one_run, stop)
             results.append(values | {"test_accuracy": metrics["test_accuracy"],
                                      "test_loss": metrics["test_loss"], "status": "ok"})
         except UserError as error:
@@ -842,25 +856,32 @@ def sweep(runs: list[argparse.Namespace]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.evaluate:
-            evaluate(args)
-            return 0
-        runs = expand_sweep(args)
-        if len(runs) == 1:
-            run(runs[0])
-        else:
-            sweep(runs)
+        with StopFlag() as stop:
+            if args.evaluate:
+                evaluate(args)
+                return 0
+            runs = expand_sweep(args)
+            if len(runs) == 1:
+                run(runs[0], stop)
+            else:
+                sweep(runs, stop)
+            if stop.signum is not None:  # it came during the final logging: nothing was lost
+                print(f"Stopped by {signal.Signals(stop.signum).name} as the run finished.", file=sys.stderr)
+                return 128 + stop.signum
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except Interrupted as interrupted:
-        print(f"Stopped by {interrupted}; state saved to {interrupted.run_dir / 'checkpoints' / 'last.pt'}.",
-              file=sys.stderr)
-        print(f"Resume with: python train_mnist.py --resume {interrupted.run_dir}", file=sys.stderr)
-        return 128 + interrupted.signum
-    except KeyboardInterrupt:
-        print("\nInterrupted before training started; nothing to save.", file=sys.stderr)
-        return 130
+    except (Interrupted, KeyboardInterrupt) as interrupted:
+        signum = getattr(interrupted, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        run_dir = getattr(interrupted, "run_dir", None)
+        if run_dir is None:
+            print(f"\nStopped by {name} before there was anything to save.", file=sys.stderr)
+        else:
+            checkpoint = run_dir / "checkpoints" / "last.pt"
+            print(f"Stopped by {name}; state saved to {checkpoint}.", file=sys.stderr)
+            print(f"Resume with: python train_mnist.py --resume {run_dir}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 
