@@ -29,8 +29,10 @@ from pathlib import Path
 
 import matplotlib
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
@@ -290,35 +292,51 @@ class DeviceLoader:
     No workers and no per-sample transforms: a batch is one index into two tensors. With
     shuffle, each epoch's order is a permutation seeded by (seed, epoch) alone, so any epoch
     can be replayed exactly. The last partial batch is kept.
+
+    Under torchrun each of the `world_size` processes takes every world_size-th sample of that
+    order, starting at its `rank`: together they see every sample once per epoch. A shuffled
+    order is first padded with its own first few samples to a multiple of world_size, so that
+    every process takes the same number of steps (as torch's DistributedSampler does).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 shuffle: bool = False, seed: int = 0) -> None:
+                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def indices(self) -> torch.Tensor:
+        """This process's samples for the current epoch, in order."""
+        count = len(self.labels)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_000 + self.epoch)
+            order = torch.randperm(count, generator=generator)
+            order = torch.cat([order, order[:-count % self.world_size]])
+        else:
+            order = torch.arange(count)
+        return order[self.rank::self.world_size].to(self.labels.device)
+
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        count = len(self.labels)
+        if self.shuffle:
+            count = math.ceil(count / self.world_size)
+        else:
+            count = len(range(self.rank, count, self.world_size))
+        return math.ceil(count / self.batch_size)
 
     def __iter__(self):
         return self.batches()
 
     def batches(self, first: int = 0):
         """The epoch's batches from number `first` on (a resumed epoch skips those done)."""
-        count = len(self.labels)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_000 + self.epoch)
-            order = torch.randperm(count, generator=generator).to(self.labels.device)
-        for start in range(first * self.batch_size, count, self.batch_size):
-            if self.shuffle:
-                batch = order[start:start + self.batch_size]
-                yield self.images[batch], self.labels[batch]
-            else:
-                yield self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+        order = self.indices()
+        for start in range(first * self.batch_size, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield self.images[batch], self.labels[batch]
 
 
 # ----------------------------------------------------------------------------------------
@@ -377,17 +395,18 @@ def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, load
     """Train on the epoch's batches from `first_batch` on; returns each step's loss and learning rate.
 
     Returns early, with fewer steps, when `stop` is raised or the loss stops being finite.
+    Under torchrun the losses are the mean over all processes, and all stop at the same step.
     """
     net.train()
     # Step losses stay on the device and come to the host once per epoch (and every 50
     # steps for the progress bar): a .item() per step would stall a GPU on every batch.
     step_losses = torch.zeros(len(loader) - first_batch, device=loader.labels.device)
     step_lrs = []
-    progress = tqdm(loader.batches(first_batch), desc=description, total=len(loader),
-                    initial=first_batch, unit="batch", dynamic_ncols=True)
+    progress = tqdm(loader.batches(first_batch), desc=description, total=len(loader), initial=first_batch,
+                    unit="batch", dynamic_ncols=True, disable=loader.rank != 0)
     with progress:
         for step, (images, labels) in enumerate(progress):
-            if stop is not None and stop.signum is not None:
+            if should_stop(stop, check_now=step % 50 == 0):
                 break
             loss = F.cross_entropy(net(images), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -399,9 +418,41 @@ def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, load
             if step % 50 == 49:
                 recent_loss = step_losses[step - 49:step + 1].mean().item()
                 progress.set_postfix(loss=f"{recent_loss:.4f}")
-                if not math.isfinite(recent_loss):
+                if agreed_max(0.0 if math.isfinite(recent_loss) else 1.0):
                     break  # diverged: train() reports it
-    return step_losses[:len(step_lrs)].tolist(), step_lrs
+    step_losses = step_losses[:len(step_lrs)]
+    if loader.world_size > 1:
+        dist.all_reduce(step_losses)
+        step_losses /= loader.world_size
+    return step_losses.tolist(), step_lrs
+
+
+def agreed_max(value: float) -> float:
+    """The largest `value` over all processes: a decision every process then takes together.
+
+    In a single process it is just `value`. Under torchrun it is one small all-reduce, made
+    at the same step on every process (every 50 steps), never per step.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item()
+
+
+def should_stop(stop: StopFlag | None, check_now: bool = True) -> bool:
+    """Has a signal asked to stop? Under torchrun the processes agree, at steps where `check_now`."""
+    if stop is None:
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        return stop.signum is not None
+    if not check_now:
+        return False
+    signum = int(agreed_max(float(stop.signum or 0)))
+    if signum and stop.signum is None:
+        stop.signum = signum  # another process got the signal: stop with it
+    return signum != 0
 
 
 @dataclasses.dataclass
@@ -425,12 +476,32 @@ class Evaluation:
 
 @torch.no_grad()
 def test(model: MNISTNet, loader: DeviceLoader) -> Evaluation:
-    """Mean cross-entropy and accuracy over the whole loader."""
+    """Mean cross-entropy and accuracy over the whole test set.
+
+    Under torchrun each process scores its share of the test set and the logits of all of
+    them are gathered, so every process reports the numbers of the whole set.
+    """
     model.eval()
     logits = torch.cat([model(images) for images, _ in loader])
+    if loader.world_size > 1:
+        logits = gather_shards(logits, loader.world_size, len(loader.labels))
     loss = F.cross_entropy(logits, loader.labels, reduction="sum").item() / len(loader.labels)
     accuracy = (logits.argmax(dim=1) == loader.labels).sum().item() / len(loader.labels)
     return Evaluation(loss, accuracy, logits, loader.labels)
+
+
+def gather_shards(shard: torch.Tensor, world_size: int, count: int) -> torch.Tensor:
+    """Reassemble rows that process r computed for samples r, r + world_size, ... of `count`."""
+    longest = math.ceil(count / world_size)
+    padded = torch.zeros(longest, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+    padded[:len(shard)] = shard
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    whole = torch.empty(count, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+    for rank, part in enumerate(parts):
+        rows = len(range(rank, count, world_size))
+        whole[rank::world_size] = part[:rows]
+    return whole
 
 
 def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
@@ -438,9 +509,11 @@ def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
           progress: Progress, save, stop: StopFlag) -> None:
     """Train from `progress` up to `epochs`, testing, logging and checkpointing after each epoch.
 
-    `save(name)` writes checkpoints/<name>.pt. On a stop request the state is saved to
-    last.pt and Interrupted is raised.
+    `net` may be wrapped in DistributedDataParallel; `writer` and `save(name)` (which writes
+    checkpoints/<name>.pt) do nothing outside process 0. On a stop request the state is
+    saved to last.pt and Interrupted is raised.
     """
+    module = getattr(net, "module", net)  # the plain MNISTNet inside a DDP wrapper
     steps_per_epoch = len(loader)
     while progress.epoch < epochs:
         epoch = progress.epoch + 1
@@ -455,7 +528,7 @@ def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
         progress.batch += len(step_losses)
         progress.loss_sum += sum(step_losses)
         progress.seconds += time.perf_counter() - started
-        if not (math.isfinite(progress.loss_sum) and all(p.isfinite().all() for p in net.parameters())):
+        if not (math.isfinite(progress.loss_sum) and all(p.isfinite().all() for p in module.parameters())):
             raise UserError(f"training diverged in epoch {epoch}: the loss or the weights are no longer "
                             f"finite; try a smaller --lr (this run used "
                             f"{optimizer.param_groups[0]['initial_lr']:g})")
@@ -463,40 +536,43 @@ def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
             save("last")
             raise Interrupted(stop.signum)
 
-        result = test(net, test_loader)
+        result = test(module, test_loader)
         test_loss, test_accuracy = result.loss, result.accuracy
         train_loss = progress.loss_sum / steps_per_epoch
         writer.add_scalar("training loss", train_loss, epoch)
         writer.add_scalar("test loss", test_loss, epoch)
         writer.add_scalar("test accuracy", test_accuracy, epoch)
         started = time.perf_counter()
-        log_epoch_details(writer, net, result, epoch)
+        log_epoch_details(writer, module, result, epoch)
         progress.logging_seconds += time.perf_counter() - started
         progress.history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
                                  "test_accuracy": test_accuracy})
         progress.epoch, progress.batch, progress.loss_sum = epoch, 0, 0.0
-        tqdm.write(f"Epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
-                   f"test accuracy {test_accuracy:.4f}")
+        if loader.rank == 0:
+            tqdm.write(f"Epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
+                       f"test accuracy {test_accuracy:.4f}")
         writer.flush()
         save("last")
         if test_accuracy > progress.best_accuracy:
             progress.best_accuracy = test_accuracy
             save("best")
-        if stop.signum is not None:
+        if should_stop(stop):
             raise Interrupted(stop.signum)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int):
+def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int,
+                   start_step: int = 0):
     """Hold --lr, then fall linearly to 0 over the last `decay_fraction` of the steps.
 
     A long constant phase learns fast; the final decay settles the weights into a minimum
     (worth about 0.5% test accuracy here over a constant rate).
     """
     decay_steps = decay_fraction * total_steps
-    if decay_steps == 0:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, max(0.0, total_steps - step) / decay_steps))
+
+    def factor(step: int) -> float:
+        return 1.0 if decay_steps == 0 else min(1.0, max(0.0, total_steps - step) / decay_steps)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -712,6 +788,53 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------
+# Several processes: torchrun starts one copy of this script per process (GPU) and sets
+# RANK, LOCAL_RANK and WORLD_SIZE. Every process trains on its share of each batch order;
+# process 0 alone shows the progress bar and writes the logs, checkpoints and JSON files.
+
+
+def start_distributed(args: argparse.Namespace) -> None:
+    """Under torchrun, join the process group (gloo on the CPU, nccl on GPUs) and pick this
+    process's GPU. A plain `python train_mnist.py` runs as one process and does nothing here."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return
+    if args.device.type == "cuda":
+        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl", device_id=args.device)
+    else:
+        dist.init_process_group("gloo")
+
+
+def process_rank() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless started by torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class NullWriter:
+    """Stands in for SummaryWriter in processes other than 0: they train, but do not log."""
+
+    def __getattr__(self, name: str) -> "NullWriter":
+        return self
+
+    def __call__(self, *args, **kwargs) -> "NullWriter":
+        return self
+
+
+def load_splits(args: argparse.Namespace, rank: int) -> tuple[tuple, tuple]:
+    """Both splits on the device. Under torchrun process 0 goes first, so that a download
+    happens once; the others then read the files it left."""
+    if rank != 0:
+        dist.barrier()
+    splits = load_data(args, train=True), load_data(args, train=False)
+    if rank == 0 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return splits
+
+
+# ----------------------------------------------------------------------------------------
 # Main: one run, a sweep of runs, or the evaluation of a checkpoint
 
 
@@ -740,67 +863,67 @@ def set_determinism(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     """One training run (new or resumed): returns its final metrics."""
     set_determinism(args)
-    raw_train_images, train_images, train_labels = load_data(args, train=True)
-    raw_test_images, test_images, test_labels = load_data(args, train=False)
-    train_loader = DeviceLoader(train_images, train_labels, args.batch_size, shuffle=True, seed=args.seed)
-    test_loader = DeviceLoader(test_images, test_labels, args.test_batch_size)
+    rank, world_size = process_rank()
+    (raw_train_images, train_images, train_labels), (raw_test_images, test_images, test_labels) = (
+        load_splits(args, rank))
+    train_loader = DeviceLoader(train_images, train_labels, args.batch_size, shuffle=True, seed=args.seed,
+                                rank=rank, world_size=world_size)
+    test_loader = DeviceLoader(test_images, test_labels, args.test_batch_size, rank=rank,
+                               world_size=world_size)
 
     torch.manual_seed(args.seed)
     net = MNISTNet().to(args.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * len(train_loader))
-    progress = Progress()
-    config = config_of(args)
+    total_steps = args.epochs * len(train_loader)
+    scheduler = make_scheduler(optimizer, args.lr_decay, total_steps)
     stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
     if args.resume:
-        checkpoint = args.checkpoint
-        restore_model(net, checkpoint)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        progress = Progress(**checkpoint["progress"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        run_dir = checkpoint["path"].parent.parent
-        print(f"Resuming {run_dir} at epoch {progress.epoch + 1}, batch {progress.batch}")
+        progress, scheduler = restore_run(args.checkpoint, net, optimizer, scheduler, args.lr_decay,
+                                          total_steps, len(train_loader), world_size)
+        run_dir = args.checkpoint["path"].parent.parent
     else:
-        run_dir = make_run_dir(args.log_dir, args.run_name, args)
-    config["run_dir"] = str(run_dir)
-    write_json(run_dir / "config.json", config)
-    print(f"Training on {args.device} with seed {args.seed}; logging to {run_dir}")
+        progress = Progress()
+        run_dir = make_run_dir(args.log_dir, args.run_name, args) if rank == 0 else None
+    config = config_of(args) | {"run_dir": str(run_dir)}
+    if rank == 0:
+        write_json(run_dir / "config.json", config)
+        print(f"Training on {args.device} with seed {args.seed}"
+              + (f" in {world_size} processes" if world_size > 1 else "") + f"; logging to {run_dir}")
+    # Under torchrun the model is wrapped so that backward() averages the gradients of all
+    # processes; each process on its own GPU, if any.
+    model = net if world_size == 1 else DistributedDataParallel(
+        net, device_ids=[args.device.index] if args.device.type == "cuda" else None)
 
     def save(name: str) -> None:
-        save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {
-            "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": progress.epoch,
-            "global_step": progress.epoch * len(train_loader) + progress.batch,
-            "progress": dataclasses.asdict(progress), "rng": {"torch": torch.get_rng_state()},
-            "config": config})
+        if rank == 0:  # the weights are the same in every process
+            save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {
+                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": progress.epoch,
+                "global_step": progress.epoch * len(train_loader) + progress.batch,
+                "world_size": world_size, "progress": dataclasses.asdict(progress),
+                "rng": {"torch": torch.get_rng_state()}, "config": config})
 
-    writer = SummaryWriter(run_dir)
+    writer = SummaryWriter(run_dir) if rank == 0 else NullWriter()
     try:
         if not args.resume:
             log_inputs(writer, net, raw_train_images, train_images)
-        train(net, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
+        train(model, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
               test_loader=test_loader, progress=progress, save=save, stop=stop)
+        final_test = test(net, test_loader)  # every process takes part; process 0 logs
+        if rank != 0:
+            return {}
         started = time.perf_counter()
         log_embedding(writer, "train features", net, train_images, raw_train_images, train_labels,
                       args.num_embeddings, args.seed)
-        log_final_details(writer, net, test(net, test_loader), raw_test_images, test_images,
+        log_final_details(writer, net, final_test, raw_test_images, test_images,
                           args.epochs, args.num_embeddings, args.seed)
         progress.logging_seconds += time.perf_counter() - started
-        final = progress.history[-1]
-        metrics = {
-            "test_accuracy": final["test_accuracy"],
-            "test_loss": final["test_loss"],
-            "epochs": args.epochs,
-            "training_seconds": round(progress.seconds, 3),
-            "images_per_second": round(args.epochs * len(train_labels) / progress.seconds, 1),
-            "visualization_seconds": round(progress.logging_seconds, 3),
-        }
+        metrics = final_metrics(progress, args.epochs, len(train_labels))
         log_hparams(writer, args, metrics)
         write_json(run_dir / "metrics.json", metrics)
     except Interrupted as interrupted:
-        if (run_dir / "checkpoints" / "last.pt").exists():
+        if run_dir is not None and (run_dir / "checkpoints" / "last.pt").exists():
             interrupted.run_dir = run_dir
         raise
     finally:
@@ -811,34 +934,74 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     return metrics
 
 
+def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
+    final = progress.history[-1]
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "epochs": epochs,
+        "training_seconds": round(progress.seconds, 3),
+        "images_per_second": round(epochs * train_count / progress.seconds, 1),
+        "visualization_seconds": round(progress.logging_seconds, 3),
+    }
+
+
+def restore_run(checkpoint: dict, net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler,
+                decay_fraction: float, total_steps: int, steps_per_epoch: int, world_size: int):
+    """Load a checkpoint's state to continue its run; returns (progress, scheduler)."""
+    restore_model(net, checkpoint)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    progress = Progress(**checkpoint["progress"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if checkpoint.get("world_size", 1) != world_size:
+        # Another number of processes splits an epoch into other steps: an interrupted epoch
+        # starts again from its first batch, and the schedule continues from the epoch's start.
+        progress.batch, progress.loss_sum = 0, 0.0
+        scheduler = make_scheduler(optimizer, decay_fraction, total_steps,
+                                   start_step=progress.epoch * steps_per_epoch)
+    if process_rank()[0] == 0:
+        print(f"Resuming {checkpoint['path'].parent.parent} at epoch {progress.epoch + 1}, "
+              f"batch {progress.batch}")
+    return progress, scheduler
+
+
 def evaluate(args: argparse.Namespace) -> float:
     """Test a checkpoint on the test set; no training, no run directory."""
     checkpoint = args.checkpoint
     net = MNISTNet().to(args.device)
     restore_model(net, checkpoint)
-    _, test_images, test_labels = load_data(args, train=False)
-    result = test(net, DeviceLoader(test_images, test_labels, args.test_batch_size))
-    print(f"Checkpoint: {checkpoint['path']} (epoch {checkpoint['epoch']})")
-    print(f"Test loss: {result.loss:.4f}")
-    print(f"Test accuracy: {result.accuracy:.4f}")
+    rank, world_size = process_rank()
+    _, (_, test_images, test_labels) = load_splits(args, rank)
+    result = test(net, DeviceLoader(test_images, test_labels, args.test_batch_size, rank=rank,
+                                    world_size=world_size))
+    if rank == 0:
+        print(f"Checkpoint: {checkpoint['path']} (epoch {checkpoint['epoch']})")
+        print(f"Test loss: {result.loss:.4f}")
+        print(f"Test accuracy: {result.accuracy:.4f}")
     return result.accuracy
 
 
 def sweep(runs: list[argparse.Namespace], stop: StopFlag) -> list[dict]:
     """Run each point of the grid in turn; a failed run is reported and the sweep goes on."""
+    is_main = process_rank()[0] == 0  # under torchrun, process 0 keeps the table
     results = []
     for index, one_run in enumerate(runs, start=1):
         if stop.signum is not None:
             raise Interrupted(stop.signum)
         values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
-        print(f"\n=== Sweep run {index}/{len(runs)}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        report(f"\n=== Sweep run {index}/{len(runs)}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
         try:
             metrics = run(one_run, stop)
-            results.append(values | {"test_accuracy": metrics["test_accuracy"],
-                                     "test_loss": metrics["test_loss"], "status": "ok"})
+            outcome = {"test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+                       "status": "ok"}
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            results.append(values | {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"})
+            report(f"error: {error}", every_node=True)
+            outcome = {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"}
+        if is_main:
+            results.append(values | outcome)
+    if not results:
+        return results
     results.sort(key=lambda row: -1 if row["test_accuracy"] is None else row["test_accuracy"], reverse=True)
     table_path = runs[0].log_dir / f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
     with open(table_path, "w", newline="") as file:
@@ -857,6 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with StopFlag() as stop:
+            start_distributed(args)
             if args.evaluate:
                 evaluate(args)
                 return 0
@@ -866,23 +1030,32 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sweep(runs, stop)
             if stop.signum is not None:  # it came during the final logging: nothing was lost
-                print(f"Stopped by {signal.Signals(stop.signum).name} as the run finished.", file=sys.stderr)
+                report(f"Stopped by {signal.Signals(stop.signum).name} as the run finished.")
                 return 128 + stop.signum
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(f"error: {error}", every_node=True)
         return 1
     except (Interrupted, KeyboardInterrupt) as interrupted:
         signum = getattr(interrupted, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
         run_dir = getattr(interrupted, "run_dir", None)
         if run_dir is None:
-            print(f"\nStopped by {name} before there was anything to save.", file=sys.stderr)
+            report(f"\nStopped by {name} before there was anything to save.")
         else:
-            checkpoint = run_dir / "checkpoints" / "last.pt"
-            print(f"Stopped by {name}; state saved to {checkpoint}.", file=sys.stderr)
-            print(f"Resume with: python train_mnist.py --resume {run_dir}", file=sys.stderr)
+            report(f"Stopped by {name}; state saved to {run_dir / 'checkpoints' / 'last.pt'}.\n"
+                   f"Resume with: python train_mnist.py --resume {run_dir}")
         return 128 + signum
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
+
+
+def report(message: str, every_node: bool = False) -> None:
+    """Print to stderr from process 0 (or, for errors, from the first process of each machine)."""
+    rank = process_rank()[0]
+    if rank == 0 or (every_node and int(os.environ.get("LOCAL_RANK", 0)) == 0):
+        print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+"""Data-parallel training under torchrun: two CPU processes with gloo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train_mnist
+from conftest import REPO, write_mnist
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+COMMON = ["--lr", "0.05", "--num-embeddings", "0", "--device", "cpu", "--test-batch-size", "100"]
+
+
+def torchrun(*argv: str, weights_dir: Path | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    if weights_dir is None:
+        command = [*TORCHRUN, str(REPO / "train_mnist.py"), *argv]
+    else:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        command = [*TORCHRUN, str(REPO / "tests" / "ddp_worker.py"), str(weights_dir), *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_mnist(tmp_path_factory.mktemp("ddp") / "data", train_count=2000, test_count=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """Two processes with batch 16 each: a global batch of 32."""
+    root = tmp_path_factory.mktemp("ddp-run")
+    result = torchrun(*COMMON, "--epochs", "2", "--batch-size", "16", "--data-dir", str(data_dir),
+                      "--log-dir", str(root / "runs"), weights_dir=root / "weights")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (root / "runs").iterdir()  # one run folder, written by process 0 alone
+    return run_dir, root / "weights"
+
+
+def test_one_run_dir_with_a_falling_loss(ddp_run):
+    run_dir, _ = ddp_run
+    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 16
+    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    losses = [event.value for event in events.Scalars("training loss")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    # 1,000 samples per process in batches of 16: 63 steps per epoch, every sample once
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 2 * 63
+
+
+def test_both_processes_end_with_identical_weights(ddp_run):
+    _, weights_dir = ddp_run
+    rank0 = torch.load(weights_dir / "rank0.pt", weights_only=True)
+    rank1 = torch.load(weights_dir / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[key], rank1[key]) for key in rank0)
+    saved = torch.load(next(iter(weights_dir.parent.glob("runs/*/checkpoints/last.pt"))), weights_only=True)
+    assert all(torch.equal(rank0[key], saved["model"][key]) for key in rank0)
+
+
+def test_matches_one_process_with_the_same_global_batch(ddp_run, data_dir, tmp_path):
+    run_dir, weights_dir = ddp_run
+    argv = [*COMMON, "--epochs", "2", "--batch-size", "32", "--data-dir", str(data_dir), "--log-dir",
+            str(tmp_path), "--run-name", "single"]
+    assert train_mnist.main(argv) == 0
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    parallel = json.loads((run_dir / "metrics.json").read_text())
+    assert parallel["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.01)
+    # The two processes' batches together are exactly the one process's batch, and DDP averages
+    # their gradients: the weights differ only by float rounding.
+    single_weights = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    parallel_weights = torch.load(weights_dir / "rank0.pt", weights_only=True)
+    for key in single_weights:
+        torch.testing.assert_close(parallel_weights[key], single_weights[key], rtol=1e-3, atol=1e-4)
+
+
+def evaluated_accuracy(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("Test accuracy:")]
+    return line
+
+
+def test_checkpoints_are_interchangeable(ddp_run, data_dir, tmp_path):
+    run_dir, _ = ddp_run
+    reported = json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
+    single = subprocess.run([sys.executable, str(REPO / "train_mnist.py"), "--evaluate", str(run_dir),
+                             "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert evaluated_accuracy(single) == f"Test accuracy: {reported:.4f}"
+    assert evaluated_accuracy(torchrun("--evaluate", str(run_dir), "--device", "cpu")) == (
+        f"Test accuracy: {reported:.4f}")
+
+    argv = [*COMMON, "--epochs", "1", "--data-dir", str(data_dir), "--log-dir", str(tmp_path),
+            "--run-name", "one"]
+    assert train_mnist.main(argv) == 0
+    resumed = torchrun("--resume", str(tmp_path / "one"), "--epochs", "2")  # one process -> two
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 2 and last["world_size"] == 2
+    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_ctrl_c_stops_every_process_cleanly_and_the_run_resumes(tmp_path):
+    data_dir = write_mnist(tmp_path / "data", train_count=8000, test_count=200)
+    run_dir = tmp_path / "runs" / "stopped"
+    argv = [*COMMON, "--epochs", "6", "--batch-size", "8", "--lr", "0.01", "--data-dir", str(data_dir),
+            "--log-dir", str(tmp_path / "runs"), "--run-name", "stopped"]
+    # A terminal's Ctrl-C reaches every process of the foreground group: torchrun and its workers.
+    process = subprocess.Popen([*TORCHRUN, str(REPO / "train_mnist.py"), *argv], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "last.pt").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode != 0
+    assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
+    # torchrun itself reports the signal with a traceback of its own; the workers show none
+    assert 'train_mnist.py", line' not in err
+    stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert stopped["epoch"] < 6 and not (run_dir / "metrics.json").exists()
+    resumed = torchrun("--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 6
