@@ -27,6 +27,11 @@ a, b = (torch.load(f"{sys.argv[1]}/{n}/checkpoints/last.pt", weights_only=True)[
 print("deterministic CUDA runs bit-identical:", all(torch.equal(a[k], b[k]) for k in a))
 PY
 
+echo "== torchrun, one process per GPU (nccl)"
+ngpu=$(nvidia-smi -L | wc -l)
+torchrun --standalone --nproc_per_node="$ngpu" train_mnist.py --epochs 2 --device cuda --data-dir "$data_dir" \
+  --log-dir "$out/runs" --run-name torchrun-cuda --num-embeddings 0 2>/dev/null
+
 echo "== tests that run on CUDA"
 MNIST_DATA_DIR="$data_dir" python3 -m pytest -q -p no:cacheprovider -k "device or real_mnist" tests/ 2>&1 | tail -5
 
