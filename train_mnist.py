@@ -5,9 +5,10 @@
 
 The story, top to bottom: parse the command line; load MNIST once into two tensors on the
 training device; train with SGD, testing after every epoch and saving a checkpoint; log the
-curves, the graph, a sample of digits, the learned features and the hyper-parameters to one
-TensorBoard run directory. Around it: resume after Ctrl-C, evaluate a checkpoint, and sweep
-a grid of hyper-parameters.
+curves, the graph, a sample of digits, histograms, figures of the test results, the learned
+features and the hyper-parameters to one TensorBoard run directory. Around it: resume after
+Ctrl-C, evaluate a checkpoint, sweep a grid of hyper-parameters, and run data-parallel in
+several processes under torchrun.
 """
 
 import argparse
@@ -871,16 +872,11 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     test_loader = DeviceLoader(test_images, test_labels, args.test_batch_size, rank=rank,
                                world_size=world_size)
 
-    torch.manual_seed(args.seed)
-    net = MNISTNet().to(args.device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    total_steps = args.epochs * len(train_loader)
-    scheduler = make_scheduler(optimizer, args.lr_decay, total_steps)
+    net, optimizer, scheduler = build_model(args, total_steps=args.epochs * len(train_loader))
     stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
     if args.resume:
         progress, scheduler = restore_run(args.checkpoint, net, optimizer, scheduler, args.lr_decay,
-                                          total_steps, len(train_loader), world_size)
+                                          args.epochs * len(train_loader), len(train_loader), world_size)
         run_dir = args.checkpoint["path"].parent.parent
     else:
         progress = Progress()
@@ -921,7 +917,7 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
         progress.logging_seconds += time.perf_counter() - started
         metrics = final_metrics(progress, args.epochs, len(train_labels))
         log_hparams(writer, args, metrics)
-        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
     except Interrupted as interrupted:
         if run_dir is not None and (run_dir / "checkpoints" / "last.pt").exists():
             interrupted.run_dir = run_dir
@@ -932,6 +928,15 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
     print(f"Run directory: {run_dir}")
     return metrics
+
+
+def build_model(args: argparse.Namespace, total_steps: int):
+    """The network (seeded), its SGD optimizer and learning-rate schedule."""
+    torch.manual_seed(args.seed)
+    net = MNISTNet().to(args.device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    return net, optimizer, make_scheduler(optimizer, args.lr_decay, total_steps)
 
 
 def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
