@@ -671,7 +671,7 @@ def log_inputs(writer: SummaryWriter, net: MNISTNet, raw_images: torch.Tensor,
 
 @torch.no_grad()
 def log_embedding(writer: SummaryWriter, tag: str, net: MNISTNet, images: torch.Tensor,
-                  raw_images: torch.Tensor, labels: torch.Tensor, count: int, seed: int,
+                  raw_images: torch.Tensor, labels: torch.Tensor, count: int, seed: int, epoch: int,
                   predictions: torch.Tensor | None = None) -> None:
     """Learned 256-d features of `count` random digits, for the projector.
 
@@ -692,7 +692,10 @@ def log_embedding(writer: SummaryWriter, tag: str, net: MNISTNet, images: torch.
         chosen_predictions = predictions[pick.to(predictions.device)].tolist()
         metadata = [list(pair) for pair in zip(chosen_labels, chosen_predictions)]
         header = ["label", "prediction"]
-    writer.add_embedding(features, metadata=metadata, metadata_header=header, label_img=thumbnails, tag=tag)
+    # Filed under the epoch (<run>/000NN/<tag>/), so that a run resumed to train longer adds
+    # its new embedding beside the old one instead of overwriting it.
+    writer.add_embedding(features, metadata=metadata, metadata_header=header, label_img=thumbnails,
+                         global_step=epoch, tag=tag)
 
 
 def log_epoch_details(writer: SummaryWriter, net: MNISTNet, result: Evaluation, epoch: int) -> None:
@@ -758,7 +761,7 @@ def log_final_details(writer: SummaryWriter, net: MNISTNet, result: Evaluation, 
     for digit in range(10):
         writer.add_pr_curve(f"pr curve/{digit}", (labels == digit).cpu(), probabilities[:, digit], epoch)
     log_embedding(writer, "test features", net, test_images, raw_test_images, labels, num_embeddings, seed,
-                  predictions=predictions)
+                  epoch, predictions=predictions)
 
 
 def log_hparams(writer: SummaryWriter, args: argparse.Namespace, metrics: dict) -> None:
@@ -875,9 +878,12 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     net, optimizer, scheduler = build_model(args, total_steps=args.epochs * len(train_loader))
     stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
     if args.resume:
+        run_dir = args.checkpoint["path"].parent.parent
+        if args.checkpoint["epoch"] >= args.epochs and (run_dir / "metrics.json").exists():
+            raise UserError(f"run {run_dir} has finished its {args.checkpoint['epoch']} epochs; "
+                            "resume it with a larger --epochs to train longer")
         progress, scheduler = restore_run(args.checkpoint, net, optimizer, scheduler, args.lr_decay,
                                           args.epochs * len(train_loader), len(train_loader), world_size)
-        run_dir = args.checkpoint["path"].parent.parent
     else:
         progress = Progress()
         run_dir = make_run_dir(args.log_dir, args.run_name, args) if rank == 0 else None
@@ -911,7 +917,7 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
             return {}
         started = time.perf_counter()
         log_embedding(writer, "train features", net, train_images, raw_train_images, train_labels,
-                      args.num_embeddings, args.seed)
+                      args.num_embeddings, args.seed, args.epochs)
         log_final_details(writer, net, final_test, raw_test_images, test_images,
                           args.epochs, args.num_embeddings, args.seed)
         progress.logging_seconds += time.perf_counter() - started

@@ -81,7 +81,7 @@ def test_hparams_row_lives_in_the_run_itself(small_run):
 def test_projector_files_hold_features_labels_and_readable_sprite(small_run):
     config = (small_run / "projector_config.pbtxt").read_text()
     assert config.count("tensors.tsv") == 2 and "metadata.tsv" in config and "sprite.png" in config
-    train_folder = small_run / "00000" / "train features"
+    train_folder = small_run / "00002" / "train features"
     tensors = np.loadtxt(train_folder / "tensors.tsv", delimiter="\t")
     assert tensors.shape == (40, 256)
     labels = (train_folder / "metadata.tsv").read_text().split()

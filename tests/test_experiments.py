@@ -240,3 +240,15 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data
     rows = list(csv.DictReader(open(table)))
     assert [row["lr"] for row in rows] == ["0.05", "1000000.0"]
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
+
+
+def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, capsys):
+    run_dir = train_run(synthetic_data, tmp_path, "done", "--epochs", "1", "--num-embeddings", "8")
+    capsys.readouterr()
+    assert train_mnist.main(["--resume", str(run_dir)]) == 1
+    assert "has finished its 1 epochs" in capsys.readouterr().err
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
+    assert scalar_steps(run_dir, "training loss") == [1, 2]
+    for epoch in ("00001", "00002"):  # the first embedding is kept beside the new one
+        assert (run_dir / epoch / "train features" / "tensors.tsv").exists()

@@ -97,12 +97,12 @@ def test_precision_recall_curve_per_digit(run_dir):
 
 
 def test_test_embedding_has_label_and_prediction_columns(run_dir):
-    folder = run_dir / "00000" / "test features"
+    folder = run_dir / "00002" / "test features"
     rows = (folder / "metadata.tsv").read_text().strip().splitlines()
     assert rows[0] == "label\tprediction" and len(rows) == 31
     assert all(len(row.split("\t")) == 2 for row in rows[1:])
     assert np.loadtxt(folder / "tensors.tsv", delimiter="\t").shape == (30, 256)
-    assert (run_dir / "00000" / "train features" / "sprite.png").exists()
+    assert (run_dir / "00002" / "train features" / "sprite.png").exists()
 
 
 def free_port() -> int:
