@@ -192,6 +192,24 @@ def test_unusable_log_dir_is_reported_before_training(tmp_path, synthetic_data, 
         assert f"cannot create a run folder in {log_dir}" in message and "--log-dir" in message
 
 
+def test_unwritable_run_folder_is_reported_before_training(tmp_path, synthetic_data, monkeypatch, capsys):
+    real_write_text = Path.write_text
+
+    def read_only(path, *args, **kwargs):  # the tests run as root, where permission bits don't bite
+        if path.name.startswith(".config.json"):
+            raise PermissionError(13, "Permission denied")
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
+                             "--run-name", "ro"])
+    assert code == 1
+    message = one_line_error(capsys)
+    assert "cannot write" in message and "config.json: Permission denied" in message
+    assert not (tmp_path / "ro" / "checkpoints").exists()
+    assert not list((tmp_path / "ro").glob("events.out.tfevents.*"))  # no training, no logs
+
+
 def test_failing_checkpoint_write_is_reported_and_the_previous_one_survives(
         tmp_path, synthetic_data, monkeypatch, capsys):
     real_save = torch.save
