@@ -627,10 +627,8 @@ def load_checkpoint(path: Path) -> dict:
 def restore_model(net: MNISTNet, checkpoint: dict) -> None:
     try:
         net.load_state_dict(checkpoint["model"])
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):
         raise UserError(f"{checkpoint['path']} holds weights of a different network than MNISTNet") from None
-
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -878,11 +876,9 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     net, optimizer, scheduler = build_model(args, total_steps=args.epochs * len(train_loader))
     stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
     if args.resume:
-        run_dir = args.checkpoint["path"].parent.parent
-        if args.checkpoint["epoch"] >= args.epochs and (run_dir / "metrics.json").exists():
-            raise UserError(f"run {run_dir} has finished its {args.checkpoint['epoch']} epochs; "
-                            "resume it with a larger --epochs to train longer")
-        progress, scheduler = restore_run(args.checkpoint, net, optimizer, scheduler, args.lr_decay,
+        restore_model(net, args.checkpoint)
+        run_dir = run_dir_to_resume(args.checkpoint, args.epochs)
+        progress, scheduler = restore_run(args.checkpoint, optimizer, scheduler, args.lr_decay,
                                           args.epochs * len(train_loader), len(train_loader), world_size)
     else:
         progress = Progress()
@@ -957,14 +953,29 @@ def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
     }
 
 
-def restore_run(checkpoint: dict, net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler,
+def run_dir_to_resume(checkpoint: dict, epochs: int) -> Path:
+    """The folder of the run a checkpoint belongs to, if that run can go on to `epochs`."""
+    if checkpoint["path"].parent.name != "checkpoints":
+        raise UserError("--resume continues a run in its folder: give the run folder, or a checkpoint "
+                        "in its checkpoints/ folder (use --evaluate to test a loose checkpoint)")
+    run_dir = checkpoint["path"].parent.parent
+    if checkpoint["epoch"] >= epochs and (run_dir / "metrics.json").exists():
+        raise UserError(f"run {run_dir} has finished its {checkpoint['epoch']} epochs; "
+                        "resume it with a larger --epochs to train longer")
+    return run_dir
+
+
+def restore_run(checkpoint: dict, optimizer: torch.optim.Optimizer, scheduler,
                 decay_fraction: float, total_steps: int, steps_per_epoch: int, world_size: int):
-    """Load a checkpoint's state to continue its run; returns (progress, scheduler)."""
-    restore_model(net, checkpoint)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    progress = Progress(**checkpoint["progress"])
-    torch.set_rng_state(checkpoint["rng"]["torch"])
+    """Load a checkpoint's training state to continue its run; returns (progress, scheduler)."""
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = Progress(**checkpoint["progress"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise UserError(f"{checkpoint['path']} lacks part of the training state (optimizer, schedule "
+                        "or position), so it cannot be resumed; --evaluate can still test it") from None
     if checkpoint.get("world_size", 1) != world_size:
         # Another number of processes splits an epoch into other steps: an interrupted epoch
         # starts again from its first batch, and the schedule continues from the epoch's start.

@@ -203,6 +203,14 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path):
                 "progress": {}, "rng": {}, "config": {}}, other_net)
     cases = [(garbage, "cannot be loaded safely"), (tensor_only, "not a train_mnist.py checkpoint"),
              (tmp_path / "missing.pt", "no checkpoint at"), (other_net, "different network")]
+    (tmp_path / "checkpoints").mkdir()
+    weights_only = tmp_path / "checkpoints" / "weights-only.pt"  # the right network, no training state
+    torch.save({"model": train_mnist.MNISTNet().state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 1,
+                "global_step": 1, "progress": {}, "rng": {}, "config": {}}, weights_only)
+    result = run_script("--resume", str(weights_only), "--data-dir", str(write_mnist(tmp_path / "d")),
+                        "--log-dir", str(tmp_path / "runs"), "--device", "cpu")
+    assert result.returncode == 1 and "cannot be resumed" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
     for path, message in cases:
         for flag in ("--evaluate", "--resume"):
             result = run_script(flag, str(path), "--data-dir", str(write_mnist(tmp_path / "d")),
