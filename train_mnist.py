@@ -801,7 +801,12 @@ def start_distributed(args: argparse.Namespace) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return
     if args.device.type == "cuda":
-        args.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"torchrun started more processes on this machine than its "
+                            f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node="
+                            f"{torch.cuda.device_count()} or --device cpu")
+        args.device = torch.device("cuda", local_rank)
         torch.cuda.set_device(args.device)
         dist.init_process_group("nccl", device_id=args.device)
     else:

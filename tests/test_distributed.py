@@ -100,7 +100,8 @@ def test_checkpoints_are_interchangeable(ddp_run, data_dir, tmp_path):
     argv = [*COMMON, "--epochs", "1", "--data-dir", str(data_dir), "--log-dir", str(tmp_path),
             "--run-name", "one"]
     assert train_mnist.main(argv) == 0
-    resumed = torchrun("--resume", str(tmp_path / "one"), "--epochs", "2")  # one process -> two
+    # one process -> two
+    resumed = torchrun("--resume", str(tmp_path / "one"), "--epochs", "2", "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     last = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["world_size"] == 2
@@ -132,6 +133,6 @@ def test_ctrl_c_stops_every_process_cleanly_and_the_run_resumes(tmp_path):
     assert 'train_mnist.py", line' not in err
     stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert stopped["epoch"] < 6 and not (run_dir / "metrics.json").exists()
-    resumed = torchrun("--resume", str(run_dir))
+    resumed = torchrun("--resume", str(run_dir), "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 6

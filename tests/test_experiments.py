@@ -141,7 +141,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, signum):
     assert 1 <= stopped_at["epoch"] < 6
     assert not (run_dir / "metrics.json").exists()
 
-    assert train_mnist.main(["--resume", str(run_dir)]) == 0
+    assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
     assert_same_weights(weights(reference / "checkpoints/last.pt"), weights(run_dir / "checkpoints/last.pt"))
     resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(reference)
     assert resumed == pytest.approx(uninterrupted, rel=1e-6)  # same weights; a float32 ulp in the loss
@@ -155,10 +155,10 @@ def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synt
     history = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["progress"]["history"]
     capsys.readouterr()
     before = sorted(tmp_path.iterdir())
-    assert train_mnist.main(["--evaluate", str(run_dir / "checkpoints" / "best.pt")]) == 0
+    assert train_mnist.main(["--evaluate", str(run_dir / "checkpoints" / "best.pt"), "--device", "cpu"]) == 0
     best = max(row["test_accuracy"] for row in history)
     assert f"Test accuracy: {best:.4f}" in capsys.readouterr().out
-    assert train_mnist.main(["--evaluate", str(run_dir)]) == 0  # a run folder means its last.pt
+    assert train_mnist.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0  # a folder: its last.pt
     assert f"Test accuracy: {history[-1]['test_accuracy']:.4f}" in capsys.readouterr().out
     assert sorted(tmp_path.iterdir()) == before
 
@@ -253,9 +253,9 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data
 def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, capsys):
     run_dir = train_run(synthetic_data, tmp_path, "done", "--epochs", "1", "--num-embeddings", "8")
     capsys.readouterr()
-    assert train_mnist.main(["--resume", str(run_dir)]) == 1
+    assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 1
     assert "has finished its 1 epochs" in capsys.readouterr().err
-    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--device", "cpu"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
     assert scalar_steps(run_dir, "training loss") == [1, 2]
     for epoch in ("00001", "00002"):  # the first embedding is kept beside the new one

@@ -176,7 +176,7 @@ def test_second_ctrl_c_while_saving_does_not_corrupt_the_checkpoint(tmp_path):
     assert "Traceback" not in err
     checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert checkpoint["global_step"] >= 500
-    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2"]) == 0
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--device", "cpu"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
 
 
@@ -257,7 +257,7 @@ def test_run_name_of_an_existing_run_is_refused_unless_resumed(tmp_path, synthet
     capsys.readouterr()
     assert train_mnist.main(argv) == 1
     assert "already exists" in one_line_error(capsys)
-    assert train_mnist.main(["--resume", str(tmp_path / "taken"), "--epochs", "2"]) == 0
+    assert train_mnist.main(["--resume", str(tmp_path / "taken"), "--epochs", "2", "--device", "cpu"]) == 0
 
 
 # --- Soak --------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def test_soak_sequential_concurrent_interrupted_and_resumed_runs(tmp_path):
             if process.returncode != 0:
                 assert not (run_dir / "metrics.json").exists()
                 if (run_dir / "checkpoints" / "last.pt").exists():
-                    resumed = script("--resume", str(run_dir))
+                    resumed = script("--resume", str(run_dir), "--device", "cpu")
                 else:  # stopped before its first step: nothing to resume, start it again
                     shutil.rmtree(run_dir)
                     resumed = script(*argv, "--run-name", run_dir.name)
