@@ -176,11 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--resume and --evaluate exclude each other")
     checkpoint = None
     if args.resume or args.evaluate:
-        try:
-            checkpoint = load_checkpoint(args.resume or args.evaluate)
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
+        checkpoint = load_checkpoint(args.resume or args.evaluate)  # UserError: main() reports it
         saved = checkpoint["config"]
         parser.set_defaults(**{key: saved[key] for key in RESUMED_FLAGS if key in saved})
         args = parser.parse_args(argv)
@@ -507,8 +503,10 @@ def gather_shards(shard: torch.Tensor, world_size: int, count: int) -> torch.Ten
 
 def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
           writer: SummaryWriter, epochs: int, *, scheduler, test_loader: DeviceLoader,
-          progress: Progress, save, stop: StopFlag) -> None:
+          progress: Progress, save, stop: StopFlag) -> Evaluation | None:
     """Train from `progress` up to `epochs`, testing, logging and checkpointing after each epoch.
+
+    Returns the last epoch's test results, or None when no epoch was left to train.
 
     `net` may be wrapped in DistributedDataParallel; `writer` and `save(name)` (which writes
     checkpoints/<name>.pt) do nothing outside process 0. On a stop request the state is
@@ -516,6 +514,7 @@ def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
     """
     module = getattr(net, "module", net)  # the plain MNISTNet inside a DDP wrapper
     steps_per_epoch = len(loader)
+    result = None
     while progress.epoch < epochs:
         epoch = progress.epoch + 1
         loader.set_epoch(epoch)
@@ -559,6 +558,7 @@ def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
             save("best")
         if should_stop(stop):
             raise Interrupted(stop.signum)
+    return result
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int,
@@ -830,15 +830,15 @@ class NullWriter:
         return self
 
 
-def load_splits(args: argparse.Namespace, rank: int) -> tuple[tuple, tuple]:
-    """Both splits on the device. Under torchrun process 0 goes first, so that a download
-    happens once; the others then read the files it left."""
+def load_splits(args: argparse.Namespace, rank: int, splits: tuple[bool, ...] = (True, False)) -> list:
+    """The splits asked for (train=True, test=False) on the device. Under torchrun process 0
+    goes first, so that a download happens once; the others then read the files it left."""
     if rank != 0:
         dist.barrier()
-    splits = load_data(args, train=True), load_data(args, train=False)
+    loaded = [load_data(args, train=train) for train in splits]
     if rank == 0 and dist.is_available() and dist.is_initialized():
         dist.barrier()
-    return splits
+    return loaded
 
 
 # ----------------------------------------------------------------------------------------
@@ -911,9 +911,10 @@ def run(args: argparse.Namespace, stop: StopFlag) -> dict:
     try:
         if not args.resume:
             log_inputs(writer, net, raw_train_images, train_images)
-        train(model, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
-              test_loader=test_loader, progress=progress, save=save, stop=stop)
-        final_test = test(net, test_loader)  # every process takes part; process 0 logs
+        final_test = train(model, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
+                           test_loader=test_loader, progress=progress, save=save, stop=stop)
+        if final_test is None:  # resumed after its last epoch: test once more for the figures
+            final_test = test(net, test_loader)  # every process takes part; process 0 logs
         if rank != 0:
             return {}
         started = time.perf_counter()
@@ -999,7 +1000,7 @@ def evaluate(args: argparse.Namespace) -> float:
     net = MNISTNet().to(args.device)
     restore_model(net, checkpoint)
     rank, world_size = process_rank()
-    _, (_, test_images, test_labels) = load_splits(args, rank)
+    ((_, test_images, test_labels),) = load_splits(args, rank, splits=(False,))
     result = test(net, DeviceLoader(test_images, test_labels, args.test_batch_size, rank=rank,
                                     world_size=world_size))
     if rank == 0:
@@ -1044,8 +1045,8 @@ def sweep(runs: list[argparse.Namespace], stop: StopFlag) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         with StopFlag() as stop:
             start_distributed(args)
             if args.evaluate:
