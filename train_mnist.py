@@ -3,18 +3,21 @@
     python train_mnist.py --epochs=5 --lr=1e-3 --batch_size=64
     tensorboard --logdir runs
 
-The story, top to bottom: parse the command line; load MNIST once into two tensors on the
-training device; train with SGD, testing after every epoch and saving a checkpoint; log the
-curves, the graph, a sample of digits, histograms, figures of the test results, the learned
-features and the hyper-parameters to one TensorBoard run directory. Around it: resume after
-Ctrl-C, evaluate a checkpoint, sweep a grid of hyper-parameters, and run data-parallel in
-several processes under torchrun.
+The recipe comes first, in the order it runs: parse the command line; load MNIST once into
+tensors on the training device; train with SGD one epoch at a time, testing after each and
+saving a checkpoint; log the curves, a sample of digits, the graph, the final figures, the
+learned features and the hyper-parameters to one TensorBoard run folder. The supporting
+machinery follows under a banner: more TensorBoard figures, checkpoints and resume after
+Ctrl-C, run folders and sweeps of hyper-parameters, signals, torchrun, and the checks that turn
+a user's mistake into one clear line.
 """
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
+import gc
 import hashlib
 import itertools
 import json
@@ -26,20 +29,22 @@ import struct
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import matplotlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 matplotlib.use("Agg")  # figures are drawn into TensorBoard images, never shown on screen
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 from models import MNISTNet
 
@@ -51,36 +56,947 @@ MNIST_MD5 = {  # the published checksums of the four uncompressed files
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 MNIST_FILES = tuple(MNIST_MD5)
-SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # flags that take several values
-# Flags a resumed run takes from its checkpoint unless given again on the command line.
-RESUMED_FLAGS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "test_batch_size",
-                 "num_embeddings", "data_dir", "deterministic")
+SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of these run a grid
+HPARAMS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "deterministic")  # the HPARAMS columns
+# Flags a resumed run takes from its checkpoint unless they are given again.
+RESUMED_FLAGS = (*HPARAMS, "test_batch_size", "num_embeddings", "data_dir")
+LOSS_EVERY = 50  # steps between two reads of the loss: progress bar, divergence and stop checks
+
+# Several processes: torchrun starts one copy of this script per process and tells each its
+# RANK among WORLD_SIZE. A plain `python train_mnist.py` is process 0 of 1.
+DISTRIBUTED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+RANK = int(os.environ["RANK"]) if DISTRIBUTED else 0
+WORLD_SIZE = int(os.environ["WORLD_SIZE"]) if DISTRIBUTED else 1
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process's number on its machine
+MAIN_PROCESS = RANK == 0  # process 0 alone prints, logs to TensorBoard and writes files
+
+
+# ========================================================================================
+# The recipe
+# ========================================================================================
+
+# --- Command line -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a small CNN on MNIST and log the training to TensorBoard. Several values "
+                    "for --lr, --batch_size, --momentum or --epochs run a sweep over their grid.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=positive_int, nargs="+", default=[10], metavar="N",
+                          help="passes over the training set")
+    training.add_argument("--lr", type=positive_float, nargs="+", default=[0.02], metavar="LR",
+                          help="peak learning rate of SGD")
+    training.add_argument("--batch_size", "--batch-size", type=positive_int, nargs="+", default=[64],
+                          metavar="N", help="training images per step")
+    training.add_argument("--momentum", type=momentum_float, nargs="+", default=[0.9], metavar="M",
+                          help="SGD momentum")
+    training.add_argument("--weight_decay", "--weight-decay", type=non_negative_float, default=5e-4,
+                          metavar="WD", help="SGD weight decay (L2 penalty)")
+    training.add_argument("--lr_decay", "--lr-decay", type=unit_fraction, default=0.2, metavar="FRACTION",
+                          help="final fraction of the steps over which the learning rate falls "
+                               "linearly from --lr to 0 (0: constant)")
+    training.add_argument("--seed", type=non_negative_int, default=1, metavar="N",
+                          help="seed of the weights and of the batch order")
+    training.add_argument("--deterministic", action="store_true",
+                          help="use only deterministic algorithms (bit-reproducible on one GPU too, "
+                               "a little slower)")
+    training.add_argument("--device", type=available_device, default="auto", metavar="{auto,cpu,cuda,mps}",
+                          help="where to train; auto takes CUDA if available, else MPS, else the CPU")
+    training.add_argument("--test_batch_size", "--test-batch-size", type=positive_int, default=1000,
+                          metavar="N", help="images per evaluation batch")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data_dir", "--data-dir", type=Path, default=Path("data"), metavar="DIR",
+                      help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if absent")
+    data.add_argument("--verify_data", "--verify-data", action="store_true",
+                      help="check the MNIST files against the published checksums before using them")
+
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("--log_dir", "--log-dir", type=Path, default=Path("runs"), metavar="DIR",
+                         help="TensorBoard folder; each run gets its own sub-folder")
+    logging.add_argument("--run_name", "--run-name", default=None, metavar="NAME",
+                         help="name of this run's folder (default: time stamp and key hyper-parameters)")
+    logging.add_argument("--num_embeddings", "--num-embeddings", type=non_negative_int, default=256,
+                         metavar="N", help="training and test digits shown in the projector (0: none)")
+
+    experiments = parser.add_argument_group("experiments")
+    experiments.add_argument("--resume", type=Path, default=None, metavar="PATH",
+                             help="continue the run of this checkpoint (or run folder) up to --epochs")
+    experiments.add_argument("--evaluate", type=Path, default=None, metavar="PATH",
+                             help="only test this checkpoint (or a run folder's last.pt) and print "
+                                  "its accuracy")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
+    """The flags, and the checkpoint that --resume or --evaluate names (None without them).
+
+    A resumed or evaluated run takes the flags it is not given from its checkpoint's config.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.evaluate:
+        parser.error("--resume and --evaluate exclude each other")
+    if not (args.resume or args.evaluate):
+        return args, None
+    checkpoint = load_checkpoint(args.resume or args.evaluate)  # UserError: main() reports it
+    saved = checkpoint["config"]
+    parser.set_defaults(**{key: [saved[key]] if key in SWEEP_FLAGS else saved[key]
+                           for key in RESUMED_FLAGS if key in saved})
+    args = parser.parse_args(argv)
+    if args.resume and any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
+        parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
+    return args, checkpoint
+
+
+# --- Data: each split is read once and lives as one normalized tensor on the device -------
+
+
+class Split(NamedTuple):
+    raw: torch.Tensor  # uint8 digits (N, 28, 28) on the host, for pictures
+    images: torch.Tensor  # normalized float (N, 1, 28, 28) on the device
+    labels: torch.Tensor  # int64 (N,) on the device
+
+
+def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool = False) -> Split:
+    """The training or the test split, downloaded first if its two files are absent."""
+    raw_dir = data_dir / "MNIST" / "raw"
+    images_file, labels_file = (raw_dir / name for name in (MNIST_FILES[:2] if train else MNIST_FILES[2:]))
+    if not (images_file.exists() and labels_file.exists()):
+        download_mnist(data_dir)
+    raw_images, labels = read_mnist(images_file, labels_file, verify)  # a damaged file is one clear line
+    return Split(raw_images, normalize(raw_images.to(device)), labels.long().to(device))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 digits (N, 28, 28) -> float (N, 1, 28, 28) with the training set's mean and std."""
+    return images.unsqueeze(1).float().div(255).sub(MNIST_MEAN).div(MNIST_STD)
+
+
+class DeviceLoader:
+    """Mini-batches drawn from tensors that already live on the device.
+
+    No workers and no per-sample transforms: a batch is one index into two tensors. With
+    shuffle, each epoch's order is a permutation seeded by (seed, epoch) alone, so any epoch
+    can be replayed exactly. The last partial batch is kept.
+
+    Under torchrun each of the `world_size` processes takes every world_size-th sample of that
+    order, starting at its `rank`: together they see every sample once per epoch. A shuffled
+    order is first padded with its own first few samples to a multiple of world_size, so that
+    every process takes the same number of steps (as torch's DistributedSampler does).
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
+                 seed: int = 0, rank: int = RANK, world_size: int = WORLD_SIZE) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        """This process's samples for the current epoch, in order."""
+        count = len(self.labels)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_000 + self.epoch)
+            order = torch.randperm(count, generator=generator)
+            order = torch.cat([order, order[:-count % self.world_size]])
+        else:
+            order = torch.arange(count)
+        return order[self.rank::self.world_size].to(self.labels.device)
+
+    def __len__(self) -> int:
+        count = len(self.labels)
+        if self.shuffle:
+            count = math.ceil(count / self.world_size)
+        else:
+            count = len(range(self.rank, count, self.world_size))
+        return math.ceil(count / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, first: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from number `first` on (a resumed epoch skips those done)."""
+        order = self.indices()
+        for start in range(first * self.batch_size, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            yield self.images[batch], self.labels[batch]
+
+
+# --- One epoch of training, and the test ------------------------------------------------
+
+
+def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+          loader: DeviceLoader, epoch: int, epochs: int, first_batch: int, stop: "StopFlag",
+          ) -> tuple[list[float], list[float]]:
+    """Train one epoch from batch `first_batch` on; return each step's loss and learning rate.
+
+    Ends early, with fewer steps, when a signal asks to stop or the loss is no longer finite.
+    Under torchrun the losses are averaged over the processes, which all stop at the same step.
+    """
+    model.train()
+    # Step losses stay on the device and come to the host every LOSS_EVERY steps: a .item()
+    # per step would make a GPU wait for every batch.
+    step_losses = torch.zeros(len(loader) - first_batch, device=loader.labels.device)
+    step_lrs = []
+    with tqdm(loader.batches(first_batch), desc=f"Epoch {epoch}/{epochs}", total=len(loader),
+              initial=first_batch, unit="batch", dynamic_ncols=True, disable=not MAIN_PROCESS) as bar:
+        for step, (images, labels) in enumerate(bar):
+            if stop.requested(step):
+                break
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            step_lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            step_losses[step] = loss.detach()
+            if step % LOSS_EVERY == LOSS_EVERY - 1:
+                recent_loss = step_losses[step + 1 - LOSS_EVERY:step + 1].mean().item()
+                bar.set_postfix(loss=f"{recent_loss:.4f}")
+                if any_process(not math.isfinite(recent_loss)):
+                    break  # diverged: run() reports it
+    return mean_over_processes(step_losses[:len(step_lrs)]).tolist(), step_lrs
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """One pass over the test set: the numbers, and the logits for the figures."""
+
+    loss: float
+    accuracy: float
+    logits: torch.Tensor  # (N, 10), on the device
+    labels: torch.Tensor  # (N,)
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.logits.argmax(dim=1)
+
+    def class_accuracy(self) -> list[float]:
+        """Accuracy on the test digits of each class, 0 to 9."""
+        hits = torch.bincount(self.labels[self.predictions == self.labels], minlength=10)
+        return (hits / torch.bincount(self.labels, minlength=10).clamp(min=1)).tolist()
+
+
+@torch.no_grad()
+def test(model: torch.nn.Module, loader: DeviceLoader) -> Evaluation:
+    """Mean cross-entropy and accuracy over the whole test set.
+
+    Under torchrun each process scores its share and the logits of all are gathered, so that
+    every process reports the numbers of the whole set.
+    """
+    model.eval()
+    logits = gather_from_processes(torch.cat([model(images) for images, _ in loader]), len(loader.labels))
+    loss = F.cross_entropy(logits, loader.labels, reduction="sum").item() / len(loader.labels)
+    accuracy = (logits.argmax(dim=1) == loader.labels).sum().item() / len(loader.labels)
+    return Evaluation(loss, accuracy, logits, loader.labels)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int,
+                   start_step: int = 0) -> LambdaLR:
+    """Hold --lr, then fall linearly to 0 over the last `decay_fraction` of the steps.
+
+    A long constant phase learns fast; the final decay settles the weights into a minimum. The
+    rate is a function of the step alone, so a resumed run starts at `start_step`.
+    """
+    decay_steps = decay_fraction * total_steps
+
+    def factor(step: int) -> float:
+        return 1.0 if decay_steps == 0 else min(1.0, max(0.0, total_steps - step) / decay_steps)
+
+    return LambdaLR(optimizer, factor, last_epoch=start_step - 1)
+
+
+# --- The run ----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,  # noqa: C901, PLR0912, PLR0915
+        stop: "StopFlag") -> dict | None:
+    """One training run, new or resumed from `checkpoint`; returns its final metrics on process 0.
+
+    The recipe's whole story, in the order it happens, so it stays one function. `args` holds
+    single values here: a sweep calls run() once per point of its grid.
+    """
+    with main_process_first():  # under torchrun a download happens once
+        train_set = load_split(args.data_dir, True, device, args.verify_data)
+        test_set = load_split(args.data_dir, False, device, args.verify_data)
+    train_loader = DeviceLoader(train_set.images, train_set.labels, args.batch_size, shuffle=True,
+                                seed=args.seed)
+    test_loader = DeviceLoader(test_set.images, test_set.labels, args.test_batch_size)
+    steps_per_epoch = len(train_loader)
+
+    set_determinism(args.deterministic)
+    torch.manual_seed(args.seed)
+    model_without_ddp = MNISTNet().to(device)
+    optimizer = torch.optim.SGD(model_without_ddp.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
+    if checkpoint is None:
+        progress, run_dir = Progress(), make_run_dir(args) if MAIN_PROCESS else None
+    else:
+        progress, run_dir = resume(checkpoint, model_without_ddp, optimizer, args.epochs)
+    scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * steps_per_epoch,
+                               start_step=progress.global_step(steps_per_epoch))
+    model = wrap_for_processes(model_without_ddp, device)  # under torchrun, DDP averages the gradients
+    config = config_of(args) | {"run_dir": str(run_dir)}
+    if MAIN_PROCESS:
+        write_json(run_dir / "config.json", config)
+        print(f"Training on {device} with seed {args.seed}"
+              + (f" in {WORLD_SIZE} processes" if WORLD_SIZE > 1 else "") + f"; logging to {run_dir}")
+
+    with SummaryWriter(run_dir) if MAIN_PROCESS else contextlib.nullcontext() as writer:
+        if writer and checkpoint is None:
+            writer.add_image("mnist_images", image_grid(train_set.raw[:64, None] / 255, columns=8))
+            with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
+                warnings.simplefilter("ignore")
+                writer.add_graph(model_without_ddp, train_set.images[:64])
+
+        evaluation = None
+        while progress.epoch < args.epochs:
+            epoch, first_step = progress.epoch + 1, progress.global_step(steps_per_epoch) + 1
+            train_loader.set_epoch(epoch)
+            started = time.perf_counter()
+            step_losses, step_lrs = train(model, optimizer, scheduler, train_loader, epoch, args.epochs,
+                                          progress.batch, stop)
+            progress.add_steps(step_losses, seconds=time.perf_counter() - started)
+            if writer:
+                for step, (loss, lr) in enumerate(zip(step_losses, step_lrs), start=first_step):
+                    writer.add_scalar("training loss/per step", loss, step)
+                    writer.add_scalar("learning rate", lr, step)
+            stop_if_diverged(model_without_ddp, progress.loss_sum, epoch, args.lr)
+            if progress.batch < steps_per_epoch:  # a signal stopped the epoch midway: keep its place
+                state = training_state(model_without_ddp, optimizer, scheduler, progress, steps_per_epoch,
+                                       config)
+                save_on_main(state, run_dir, "last")
+                raise Interrupted(stop.signum, run_dir)
+
+            evaluation = test(model_without_ddp, test_loader)
+            improved = evaluation.accuracy > progress.best_accuracy
+            record = progress.end_epoch(evaluation, steps_per_epoch)
+            if writer:
+                writer.add_scalar("training loss", record["train_loss"], epoch)
+                writer.add_scalar("test loss", evaluation.loss, epoch)
+                writer.add_scalar("test accuracy", evaluation.accuracy, epoch)
+                with progress.timing_logging():
+                    log_epoch_details(writer, model_without_ddp, evaluation, epoch)
+                writer.flush()
+                tqdm.write(f"Epoch {epoch}: train loss {record['train_loss']:.4f}, test loss "
+                           f"{evaluation.loss:.4f}, test accuracy {evaluation.accuracy:.4f}")
+            state = training_state(model_without_ddp, optimizer, scheduler, progress, steps_per_epoch, config)
+            save_on_main(state, run_dir, "last")
+            if improved:
+                save_on_main(state, run_dir, "best")
+            if stop.requested():
+                raise Interrupted(stop.signum, run_dir)
+
+        if evaluation is None:  # resumed after its last epoch: test once more for the final figures
+            evaluation = test(model_without_ddp, test_loader)
+        if not writer:
+            return None
+        metrics = log_results(writer, model_without_ddp, args, progress, evaluation, train_set, test_set)
+    write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
+    print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
+    print(f"Run directory: {run_dir}")
+    return metrics
+
+
+def log_results(writer: SummaryWriter, model_without_ddp: MNISTNet, args: argparse.Namespace,
+                progress: "Progress", evaluation: Evaluation, train_set: Split, test_set: Split) -> dict:
+    """After training: the test set's figures, the learned features and the HPARAMS row."""
+    with progress.timing_logging():
+        log_test_figures(writer, evaluation, test_set.raw, args.epochs)
+        if args.num_embeddings:
+            # Filed under the epoch (<run>/000NN/<tag>/): a run resumed to train longer adds its
+            # new embedding beside the old one.
+            writer.add_embedding(**embedding(model_without_ddp, train_set, args.num_embeddings, args.seed),
+                                 tag="train features", global_step=args.epochs)
+            writer.add_embedding(**embedding(model_without_ddp, test_set, args.num_embeddings, args.seed,
+                                             evaluation.predictions),
+                                 tag="test features", global_step=args.epochs)
+    metrics = final_metrics(progress, args.epochs, len(train_set.labels))
+    # One HPARAMS row, written into this run's own folder: writer.add_hparams would start a
+    # separate sub-run. Its metrics name the run's own `test accuracy` and `test loss` curves.
+    row = hparams({key: getattr(args, key) for key in HPARAMS},
+                  {"test accuracy": metrics["test_accuracy"], "test loss": metrics["test_loss"]})
+    for summary in row:
+        writer.file_writer.add_summary(summary)
+    return metrics
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train one run, a sweep of runs, or test a checkpoint; returns the exit code."""
+    try:
+        args, checkpoint = parse_args(argv)
+        with StopFlag() as stop:
+            device = start_distributed(args.device)
+            if args.evaluate:
+                evaluate(checkpoint, args, device)
+                return 0
+            runs = expand_sweep(args)
+            if len(runs) == 1:
+                run(runs[0], device, checkpoint, stop)
+            else:
+                sweep(runs, device, stop)
+            if stop.signum is not None:  # it came during the final logging: nothing was lost
+                report(f"Stopped by {signal.Signals(stop.signum).name} as the run finished.")
+                return 128 + stop.signum
+    except UserError as error:
+        report(f"error: {error}", every_node=True)
+        return 1
+    except (Interrupted, KeyboardInterrupt) as interrupted:
+        return report_interrupt(interrupted)
+    finally:
+        end_distributed()
+    return 0
+
+
+# ========================================================================================
+# Supporting machinery
+# ========================================================================================
+
+# --- TensorBoard extras: what the network does, beyond the curves ------------------------
+
+
+def log_epoch_details(writer: SummaryWriter, net: MNISTNet, evaluation: Evaluation, epoch: int) -> None:
+    """Every epoch: weight and gradient histograms, accuracy per digit, the conv1 filters."""
+    for name, parameter in net.named_parameters():
+        writer.add_histogram(f"weights/{name}", parameter.detach(), epoch)
+        if parameter.grad is not None:  # the gradient of the epoch's last step
+            writer.add_histogram(f"gradients/{name}", parameter.grad, epoch)
+    for digit, accuracy in enumerate(evaluation.class_accuracy()):
+        writer.add_scalar(f"test accuracy per digit/{digit}", accuracy, epoch)
+    filters = net.conv1.weight.detach().cpu()  # (8, 1, 5, 5)
+    low = filters.amin(dim=(1, 2, 3), keepdim=True)
+    high = filters.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = (filters - low) / (high - low).clamp(min=1e-8)  # each filter stretched to [0, 1]
+    enlarged = F.interpolate(scaled, scale_factor=8, mode="nearest")  # 5x5 pixels are too small to see
+    writer.add_image("conv1 filters", image_grid(enlarged, columns=8, pad_value=1), epoch)
+
+
+def image_grid(images: torch.Tensor, columns: int, pad_value: float = 0.0, padding: int = 2) -> torch.Tensor:
+    """Images (N, 1, H, W) in [0, 1] tiled into one (1, H', W') picture, as torchvision's make_grid."""
+    count, _, height, width = images.shape
+    rows = math.ceil(count / columns)
+    grid = torch.full((1, rows * (height + padding) + padding, columns * (width + padding) + padding),
+                      float(pad_value))
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        top, left = padding + row * (height + padding), padding + column * (width + padding)
+        grid[:, top:top + height, left:left + width] = image
+    return grid
+
+
+def log_test_figures(writer: SummaryWriter, evaluation: Evaluation, raw_images: torch.Tensor,
+                     epoch: int) -> None:
+    """After training: confusion matrix, misclassified digits, a PR curve per digit."""
+    labels, predictions = evaluation.labels, evaluation.predictions
+    writer.add_figure("confusion matrix", confusion_figure(labels, predictions), epoch)
+    writer.add_figure("misclassified digits", misclassified_figure(raw_images, labels, predictions), epoch)
+    probabilities = F.softmax(evaluation.logits, dim=1).cpu()
+    for digit in range(10):
+        writer.add_pr_curve(f"pr curve/{digit}", (labels == digit).cpu(), probabilities[:, digit], epoch)
+
+
+def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
+    """counts[true, predicted]: how many test digits of each class got each prediction."""
+    return torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10).cpu()
+
+
+def confusion_figure(labels: torch.Tensor, predictions: torch.Tensor) -> plt.Figure:
+    counts = confusion_counts(labels, predictions)
+    figure, axes = plt.subplots(figsize=(6.5, 6))
+    axes.imshow(counts.clamp(max=int(counts.max()) // 10 or 1).numpy(), cmap="Blues")  # clamped: errors show
+    for true in range(10):
+        for predicted in range(10):
+            axes.text(predicted, true, int(counts[true, predicted]), ha="center", va="center", fontsize=8,
+                      color="white" if true == predicted else "black")
+    axes.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit",
+             title="Confusion matrix of the test set (counts)")
+    figure.tight_layout()
+    return figure
+
+
+def misclassified_figure(raw_images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
+                         count: int = 36) -> plt.Figure:
+    wrong = (predictions != labels).nonzero().flatten()[:count].cpu()
+    columns = 6
+    rows = max(1, math.ceil(len(wrong) / columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for axes, index in zip(grid.flat, wrong.tolist()):
+        axes.imshow(raw_images[index].numpy(), cmap="gray")
+        axes.set_title(f"true {int(labels[index])}\npred {int(predictions[index])}", fontsize=8)
+    figure.suptitle(f"Misclassified test digits (first {len(wrong)})", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+@torch.no_grad()
+def embedding(net: MNISTNet, split: Split, count: int, seed: int,
+              predictions: torch.Tensor | None = None) -> dict:
+    """add_embedding's arguments for the learned 256-d features of `count` random digits.
+
+    Labelled with the digit, and with the network's prediction too when given, so that the
+    projector can colour the points by either.
+    """
+    pick = torch.randperm(len(split.labels), generator=torch.Generator().manual_seed(seed))[:count]
+    net.eval()
+    features = net.get_features(split.images[pick.to(split.images.device)]).cpu()
+    labels = split.labels[pick.to(split.labels.device)].tolist()
+    if predictions is None:
+        metadata, header = labels, None
+    else:
+        chosen_predictions = predictions[pick.to(predictions.device)].tolist()
+        metadata, header = [list(pair) for pair in zip(labels, chosen_predictions)], ["label", "prediction"]
+    # Thumbnails in [0, 1]: raw 0-255 values would saturate the sprite to white.
+    return {"mat": features, "metadata": metadata, "metadata_header": header,
+            "label_img": split.raw[pick, None] / 255}
+
+
+# --- Checkpoints, resume and reproducibility ---------------------------------------------
+# A checkpoint is a plain dict of tensors and numbers, readable with weights_only=True.
+
+CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "global_step", "progress", "rng", "config"}
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint so that a resumed run continues exactly."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches completed in the epoch under way
+    loss_sum: float = 0.0  # sum of those batches' losses, for the epoch's mean
+    best_accuracy: float = -1.0
+    seconds: float = 0.0  # training time so far, over all sessions of the run
+    logging_seconds: float = 0.0  # time spent on histograms, figures and embeddings
+    history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
+
+    def global_step(self, steps_per_epoch: int) -> int:
+        """Steps trained so far over the whole run."""
+        return self.epoch * steps_per_epoch + self.batch
+
+    def add_steps(self, step_losses: list[float], seconds: float) -> None:
+        self.batch += len(step_losses)
+        self.loss_sum += sum(step_losses)
+        self.seconds += seconds
+
+    def end_epoch(self, evaluation: Evaluation, steps_per_epoch: int) -> dict:
+        """Record the finished epoch's metrics (and return them); the next epoch starts at batch 0."""
+        self.epoch += 1
+        record = {"epoch": self.epoch, "train_loss": self.loss_sum / steps_per_epoch,
+                  "test_loss": evaluation.loss, "test_accuracy": evaluation.accuracy}
+        self.history.append(record)
+        self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
+        self.batch, self.loss_sum = 0, 0.0
+        return record
+
+    @contextlib.contextmanager
+    def timing_logging(self) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.logging_seconds += time.perf_counter() - started
+
+
+def training_state(model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer,
+                   scheduler: LRScheduler, progress: Progress,
+                   steps_per_epoch: int, config: dict) -> dict:
+    """All that a resumed run needs to continue exactly; the weights are the same in every process."""
+    return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": progress.epoch,
+            "global_step": progress.global_step(steps_per_epoch), "world_size": WORLD_SIZE,
+            "progress": dataclasses.asdict(progress), "rng": {"torch": torch.get_rng_state()},
+            "config": config}
+
+
+def save_on_main(checkpoint: dict, run_dir: Path, name: str) -> None:
+    """Process 0 writes run_dir/checkpoints/<name>.pt, atomically."""
+    if MAIN_PROCESS:
+        atomic_write(run_dir / "checkpoints" / f"{name}.pt", lambda file: torch.save(checkpoint, file))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint file, or a run folder's checkpoints/last.pt, without running any code."""
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}; give a .pt file or a run folder with checkpoints/last.pt")
+    try:
+        # weights_only: tensors, numbers, strings and containers only; a pickled object that
+        # would run code when loaded is refused instead.
+        with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} cannot be loaded safely: it holds Python objects other than tensors "
+                        "and numbers, which could run code when unpickled; refused") from None
+    except Exception as error:  # torch.load raises many types for a file that is no checkpoint
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UserError(f"{path} cannot be loaded safely: it is not a PyTorch checkpoint "
+                        f"({reason})") from None
+    if not isinstance(checkpoint, dict) or not checkpoint.keys() >= CHECKPOINT_KEYS:
+        raise UserError(f"{path} is not a train_mnist.py checkpoint (it lacks model, optimizer, ...)")
+    checkpoint["path"] = path
+    return checkpoint
+
+
+def restore_model(net: MNISTNet, checkpoint: dict) -> None:
+    try:
+        net.load_state_dict(checkpoint["model"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"{checkpoint['path']} holds weights of a different network than MNISTNet") from None
+
+
+def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer,
+           epochs: int) -> tuple[Progress, Path]:
+    """Load a checkpoint's state to continue its run up to `epochs`: returns (progress, run folder).
+
+    The learning-rate schedule needs no state of its own: it is a function of the step.
+    """
+    restore_model(model_without_ddp, checkpoint)  # first: another network's weights are the worse mistake
+    if checkpoint["path"].parent.name != "checkpoints":
+        raise UserError("--resume continues a run in its folder: give the run folder, or a checkpoint "
+                        "in its checkpoints/ folder (use --evaluate to test a loose checkpoint)")
+    run_dir = checkpoint["path"].parent.parent
+    if checkpoint["epoch"] >= epochs and (run_dir / "metrics.json").exists():
+        raise UserError(f"run {run_dir} has finished its {checkpoint['epoch']} epochs; "
+                        "resume it with a larger --epochs to train longer")
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        progress = Progress(**checkpoint["progress"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise UserError(f"{checkpoint['path']} lacks part of the training state (optimizer or position), "
+                        "so it cannot be resumed; --evaluate can still test it") from None
+    if MAIN_PROCESS:  # a run that trains on is unfinished until it writes metrics.json anew
+        (run_dir / "metrics.json").unlink(missing_ok=True)
+    if checkpoint.get("world_size", 1) != WORLD_SIZE:
+        # Another number of processes splits an epoch into other steps: an interrupted epoch
+        # starts again from its first batch.
+        progress.batch, progress.loss_sum = 0, 0.0
+    if MAIN_PROCESS:
+        print(f"Resuming {run_dir} at epoch {progress.epoch + 1}, batch {progress.batch}")
+    return progress, run_dir
+
+
+def evaluate(checkpoint: dict, args: argparse.Namespace, device: torch.device) -> float:
+    """Test a checkpoint on the test set and print its accuracy; no training, no run folder."""
+    net = MNISTNet().to(device)
+    restore_model(net, checkpoint)
+    with main_process_first():
+        test_set = load_split(args.data_dir, False, device, args.verify_data)
+    result = test(net, DeviceLoader(test_set.images, test_set.labels, args.test_batch_size))
+    if MAIN_PROCESS:
+        print(f"Checkpoint: {checkpoint['path']} (epoch {checkpoint['epoch']})")
+        print(f"Test loss: {result.loss:.4f}")
+        print(f"Test accuracy: {result.accuracy:.4f}")
+    return result.accuracy
+
+
+def set_determinism(deterministic: bool) -> None:
+    """--deterministic: slower kernels that give the same result every time, on a GPU too."""
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+# --- Run folders, files and sweeps -------------------------------------------------------
+
+
+def make_run_dir(args: argparse.Namespace) -> Path:
+    """Create a fresh run folder; two runs never share one, even when started together."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = args.run_name or f"{stamp}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs}_mom{args.momentum:g}"
+    try:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1 if args.run_name else 1000):
+            run_dir = args.log_dir / (base if attempt == 0 else f"{base}_{attempt + 1}")
+            with contextlib.suppress(FileExistsError):
+                run_dir.mkdir()  # atomic: of two runs racing for a name, one gets it
+                return run_dir
+    except OSError as error:
+        raise UserError(f"cannot create a run folder in {args.log_dir}: {error.strerror}; "
+                        "fix its permissions or pick another --log-dir") from None
+    if args.run_name:
+        raise UserError(f"run {args.log_dir / args.run_name} already exists; pick another --run-name, "
+                        f"or continue it with --resume {args.log_dir / args.run_name}")
+    raise UserError(f"too many runs named {base}* in {args.log_dir}; pick a --run-name")
+
+
+def config_of(args: argparse.Namespace) -> dict:
+    """The resolved flags of one run, as JSON-ready values (also stored in checkpoints)."""
+    return {key: str(value) if isinstance(value, (Path, torch.device)) else value
+            for key, value in vars(args).items() if key not in {"resume", "evaluate"}}
+
+
+def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
+    final = progress.history[-1]
+    return {
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "epochs": epochs,
+        "training_seconds": round(progress.seconds, 3),
+        "images_per_second": round(epochs * train_count / progress.seconds, 1),
+        "visualization_seconds": round(progress.logging_seconds, 3),
+    }
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write a file that no reader and no crash sees half-written: a temporary file, flushed to
+    disk, then renamed over the old one. A failure is one UserError, and the old file stays."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(temporary, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {error.strerror}; the previous file, if any, is kept. "
+                        "Free some disk space or pick another --log-dir") from None
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write(path, lambda file: file.write((json.dumps(data, indent=2) + "\n").encode()))
+
+
+def expand_sweep(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per point of the grid of SWEEP_FLAGS values, each holding single values."""
+    grid = list(itertools.product(*(getattr(args, key) for key in SWEEP_FLAGS)))
+    runs = []
+    for index, values in enumerate(grid, start=1):
+        one_run = vars(args) | dict(zip(SWEEP_FLAGS, values))
+        if len(grid) > 1 and args.run_name is not None:
+            one_run["run_name"] = f"{args.run_name}-{index}"
+        runs.append(argparse.Namespace(**one_run))
+    return runs
+
+
+def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag") -> list[dict]:
+    """Run each point of the grid in turn; a failed run is reported and the sweep goes on."""
+    results = []
+    for index, one_run in enumerate(runs, start=1):
+        if stop.signum is not None:
+            raise Interrupted(stop.signum)
+        values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
+        report(f"\n=== Sweep run {index}/{len(runs)}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+        try:
+            metrics = run(one_run, device, None, stop) or {}
+            outcome = {"test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+                       "status": "ok"}
+        except UserError as error:
+            report(f"error: {error}", every_node=True)
+            outcome = {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"}
+        results.append(values | outcome)
+    results.sort(key=lambda row: -1 if row["test_accuracy"] is None else row["test_accuracy"], reverse=True)
+    if MAIN_PROCESS:
+        write_sweep_table(results, runs[0].log_dir / f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv")
+    return results
+
+
+def write_sweep_table(results: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as file:
+        table = csv.DictWriter(file, fieldnames=list(results[0]))
+        table.writeheader()
+        table.writerows(results)
+    print("\nSweep results, best first:")
+    print(" ".join(f"{key:>14}" for key in results[0]))
+    for row in results:
+        print(" ".join(f"{'-' if value is None else value:>14}" for value in row.values()))
+    print(f"Saved to {path}")
+
+
+# --- Signals: Ctrl-C and SIGTERM stop at a safe point, with the state saved ---------------
+
+
+class Interrupted(Exception):
+    """Stopped by SIGINT or SIGTERM, after saving the state in `run_dir` if there is one."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.run_dir = signum, run_dir
+
+
+class StopFlag:
+    """SIGINT and SIGTERM, handled for the whole program.
+
+    While a run is under way (`deferred`), a signal only asks to stop: training honours it
+    between two steps by saving the state and raising Interrupted, so the saved state is
+    always consistent and no library is interrupted halfway. Before a run has a folder there
+    is nothing to save, and the signal raises Interrupted at once. Once stopping, further
+    signals change nothing, so a second Ctrl-C cannot break a checkpoint being written.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferred = False
+
+    def __enter__(self) -> "StopFlag":
+        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self.previous.items():
+            # Once stopping, the program is on its way out: a late signal must not turn the
+            # clean exit into a KeyboardInterrupt traceback.
+            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
+
+    def _request(self, signum: int, _frame: object) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if not self.deferred:
+            raise Interrupted(signum)
+        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state...")
+
+    def requested(self, step: int = 0) -> bool:
+        """Has a signal asked to stop? Under torchrun the processes agree, every LOSS_EVERY steps,
+        so that all of them stop at the same step."""
+        if WORLD_SIZE == 1:
+            return self.signum is not None
+        if step % LOSS_EVERY:
+            return False
+        signum = int(agreed_max(self.signum or 0))
+        if signum and self.signum is None:
+            self.signum = signum  # another process got the signal: stop with it
+        return signum != 0
+
+
+def report_interrupt(interrupted: BaseException) -> int:
+    """Say where the state was saved and how to resume; returns the exit code 128 + signal."""
+    signum = getattr(interrupted, "signum", signal.SIGINT)
+    name = signal.Signals(signum).name
+    run_dir = getattr(interrupted, "run_dir", None)
+    if run_dir is None:
+        report(f"\nStopped by {name} before there was anything to save.")
+    else:
+        report(f"Stopped by {name}; state saved to {run_dir / 'checkpoints' / 'last.pt'}.\n"
+               f"Resume with: python train_mnist.py --resume {run_dir}")
+    return 128 + signum
+
+
+# --- torchrun: one process per GPU (or CPU share), gradients averaged by DDP --------------
+
+
+def start_distributed(device: torch.device) -> torch.device:
+    """Under torchrun, join the process group (nccl on GPUs, gloo on the CPU); returns the device
+    this process trains on. A plain `python train_mnist.py` does nothing here."""
+    if not DISTRIBUTED:
+        return device
+    if device.type != "cuda":
+        dist.init_process_group("gloo")
+        return device
+    if torch.cuda.device_count() <= LOCAL_RANK:
+        gpus = torch.cuda.device_count()
+        raise UserError(f"torchrun started more processes on this machine than its {gpus} GPU(s); "
+                        f"use --nproc_per_node={gpus} or --device cpu")
+    device = torch.device("cuda", LOCAL_RANK)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    return device
+
+
+def end_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        # DDP keeps the process group alive from inside reference cycles: collect them now, so
+        # that the group's threads end here and not in the interpreter's teardown at exit.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def wrap_for_processes(model_without_ddp: MNISTNet, device: torch.device) -> torch.nn.Module:
+    """Under torchrun, DDP makes backward() average the gradients of all processes."""
+    if WORLD_SIZE == 1:
+        return model_without_ddp
+    return DistributedDataParallel(model_without_ddp,
+                                   device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Process 0 runs the block first (a download, say); the others then run it on what it left."""
+    if WORLD_SIZE > 1 and not MAIN_PROCESS:
+        dist.barrier()
+    yield
+    if WORLD_SIZE > 1 and MAIN_PROCESS:
+        dist.barrier()
+
+
+def agreed_max(value: float) -> float:
+    """The largest `value` over all processes: a decision that every process then takes.
+
+    In one process it is `value`. Under torchrun it is one small all-reduce, made at the same
+    step on every process, every LOSS_EVERY steps, never per step.
+    """
+    if WORLD_SIZE == 1:
+        return value
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # nccl reduces GPU tensors only
+    flag = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item()
+
+
+def any_process(condition: bool) -> bool:
+    return agreed_max(float(condition)) > 0
+
+
+def mean_over_processes(values: torch.Tensor) -> torch.Tensor:
+    if WORLD_SIZE > 1:
+        dist.all_reduce(values)
+        values /= WORLD_SIZE
+    return values
+
+
+def gather_from_processes(shard: torch.Tensor, count: int) -> torch.Tensor:
+    """Reassemble the rows that process r computed for samples r, r + WORLD_SIZE, ... of `count`."""
+    if WORLD_SIZE == 1:
+        return shard
+    longest = math.ceil(count / WORLD_SIZE)
+    padded = torch.zeros(longest, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+    padded[:len(shard)] = shard
+    parts = [torch.empty_like(padded) for _ in range(WORLD_SIZE)]
+    dist.all_gather(parts, padded)
+    whole = torch.empty(count, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
+    for rank, part in enumerate(parts):
+        whole[rank::WORLD_SIZE] = part[:len(range(rank, count, WORLD_SIZE))]
+    return whole
+
+
+def report(message: str, every_node: bool = False) -> None:
+    """Print to stderr from process 0 (or, for errors, from the first process of each machine)."""
+    if MAIN_PROCESS or (every_node and LOCAL_RANK == 0):
+        print(message if MAIN_PROCESS else f"[rank {RANK}] {message}", file=sys.stderr)
+
+
+# --- Checks and errors: a user's mistake ends in one clear line --------------------------
+
+REFETCH = "delete the MNIST files and run again to download fresh copies, or fix --data-dir"
 
 
 class UserError(Exception):
     """Something the user can fix: main() prints it as one line and exits with code 1."""
 
 
-class Interrupted(Exception):
-    """Stopped by SIGINT or SIGTERM (after saving the state, if training); exit code 128 + signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.run_dir: Path | None = None  # the run to resume, once it has a checkpoint
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-
-
-def _number(kind: type, text: str, check, requirement: str):
+def _number(kind: type, text: str, check: Callable[[float], bool], requirement: str) -> float:
     """argparse type helper: parse `text` as `kind` and refuse values failing `check`."""
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        kind_name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind_name}") from None
     if not check(value):
         raise argparse.ArgumentTypeError(f"{text!r} must be {requirement}")
     return value
@@ -110,140 +1026,44 @@ def unit_fraction(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a small CNN on MNIST and log the training to TensorBoard. "
-                    "Several values for --lr, --batch_size, --momentum or --epochs run a sweep "
-                    "over their grid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    add = parser.add_argument
-    add("--epochs", type=positive_int, nargs="+", default=[10], metavar="N",
-        help="passes over the training set")
-    add("--lr", type=positive_float, nargs="+", default=[0.02], metavar="LR",
-        help="peak learning rate of SGD")
-    add("--batch_size", "--batch-size", dest="batch_size", type=positive_int, nargs="+", default=[64],
-        metavar="N", help="training images per step")
-    add("--momentum", type=momentum_float, nargs="+", default=[0.9], metavar="M", help="SGD momentum")
-    add("--weight_decay", "--weight-decay", dest="weight_decay", type=non_negative_float, metavar="WD",
-        default=5e-4, help="SGD weight decay (L2 penalty)")
-    add("--lr_decay", "--lr-decay", dest="lr_decay", type=unit_fraction, metavar="FRACTION", default=0.2,
-        help="final fraction of the steps over which the learning rate falls linearly from "
-             "--lr to 0 (0: constant)")
-    add("--seed", type=non_negative_int, metavar="N", default=1,
-        help="seed of the weights and of the batch order")
-    add("--deterministic", action="store_true",
-        help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
-    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-        help="where to train; auto takes CUDA if available, else MPS, else the CPU")
-    add("--data_dir", "--data-dir", dest="data_dir", type=Path, metavar="DIR", default=Path("data"),
-        help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if absent")
-    add("--log_dir", "--log-dir", dest="log_dir", type=Path, metavar="DIR", default=Path("runs"),
-        help="TensorBoard folder; each run gets its own sub-folder")
-    add("--run_name", "--run-name", dest="run_name", metavar="NAME", default=None,
-        help="name of this run's folder (default: time stamp and key hyper-parameters)")
-    add("--test_batch_size", "--test-batch-size", dest="test_batch_size", type=positive_int, metavar="N",
-        default=1000, help="images per evaluation batch")
-    add("--num_embeddings", "--num-embeddings", dest="num_embeddings", type=non_negative_int, metavar="N",
-        default=256, help="training images shown in the projector (0: none)")
-    add("--verify_data", "--verify-data", dest="verify_data", action="store_true",
-        help="check the MNIST files against the published checksums before using them")
-    add("--resume", type=Path, default=None, metavar="PATH",
-        help="continue the run of this checkpoint (or run folder) up to --epochs in total")
-    add("--evaluate", type=Path, default=None, metavar="PATH",
-        help="only test this checkpoint (or run folder's last.pt) and print its accuracy")
-    return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    """Turn --device into a torch.device this machine has, or raise UserError."""
+def available_device(name: str) -> torch.device:
+    """argparse type of --device: a device this machine has (auto: CUDA, else MPS, else CPU)."""
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of auto, cpu, cuda, mps")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: this machine has no usable CUDA GPU; use --device cpu or auto")
+        raise argparse.ArgumentTypeError("this machine has no usable CUDA GPU; use --device cpu or auto")
     if name == "mps" and not has_mps:
-        raise UserError("--device mps: this machine has no Apple MPS device; use --device cpu or auto")
+        raise argparse.ArgumentTypeError("this machine has no Apple MPS device; use --device cpu or auto")
     return torch.device(name)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Parse flags; with --resume or --evaluate, unset flags come from the checkpoint's config."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.resume and args.evaluate:
-        parser.error("--resume and --evaluate exclude each other")
-    checkpoint = None
-    if args.resume or args.evaluate:
-        checkpoint = load_checkpoint(args.resume or args.evaluate)  # UserError: main() reports it
-        saved = checkpoint["config"]
-        parser.set_defaults(**{key: saved[key] for key in RESUMED_FLAGS if key in saved})
-        args = parser.parse_args(argv)
-    args.checkpoint = checkpoint
-    for key in SWEEP_FLAGS:  # a single value, from the command line or a checkpoint, is a list of one
-        value = getattr(args, key)
-        setattr(args, key, value if isinstance(value, list) else [value])
-    if args.resume and any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
-        parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
-    try:
-        args.device = resolve_device(args.device)
-    except UserError as error:
-        parser.error(str(error))  # exits 2, like any other bad flag
-    return args
-
-
-def expand_sweep(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """One namespace per point of the grid of SWEEP_FLAGS values, each holding single values."""
-    grid = itertools.product(*(getattr(args, key) for key in SWEEP_FLAGS))
-    runs = [argparse.Namespace(**(vars(args) | dict(zip(SWEEP_FLAGS, values)))) for values in grid]
-    if len(runs) > 1 and args.run_name is not None:
-        for index, one_run in enumerate(runs, start=1):
-            one_run.run_name = f"{args.run_name}-{index}"
-    return runs
-
-
-    return args
-
-
-# ----------------------------------------------------------------------------------------
-# Data: each split is read once and then lives as one normalized tensor on the device.
-
-
-def load_mnist(data_dir: Path, train: bool, verify: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one split as (uint8 images N x 28 x 28, int64 labels), downloading MNIST if absent.
-
-    With `verify`, the files must also match the published checksums.
-    """
-    raw_dir = data_dir / "MNIST" / "raw"
-    images_file, labels_file = (raw_dir / name for name in (MNIST_FILES[:2] if train else MNIST_FILES[2:]))
-    if not (images_file.exists() and labels_file.exists()):
-        download_mnist(data_dir)
-    if verify:
-        for path in (images_file, labels_file):
-            verify_checksum(path)
-    image_count = check_idx_file(images_file, (28, 28))
-    label_count = check_idx_file(labels_file, ())
-    if image_count != label_count:
-        raise UserError(f"{images_file} holds {image_count} images but {labels_file} holds "
-                        f"{label_count} labels; {REFETCH}")
-    dataset = torchvision.datasets.MNIST(data_dir, train=train)
-    return dataset.data, dataset.targets
-
-
-REFETCH = "delete the MNIST files and run again to download fresh copies, or fix --data-dir"
 
 
 def download_mnist(data_dir: Path) -> None:
     """Fetch MNIST with torchvision, or explain where the files should go."""
+    import torchvision  # noqa: PLC0415 (here alone: importing it costs more than a second at every start)
+
     try:
         torchvision.datasets.MNIST(data_dir, download=True)
     except (RuntimeError, OSError):
         raise UserError(
             f"MNIST not found in {data_dir / 'MNIST' / 'raw'} and the download failed. Put the four "
             f"files {', '.join(MNIST_FILES)} (uncompressed) there, or point --data-dir at the "
-            "folder that holds MNIST/raw/."
-        ) from None
+            "folder that holds MNIST/raw/.") from None
+
+
+def read_mnist(images_file: Path, labels_file: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split's digits (N, 28, 28) and labels (N,), as uint8, each file checked; with `verify`,
+    against the published checksums too."""
+    if verify:
+        for path in (images_file, labels_file):
+            verify_checksum(path)
+    images, labels = read_idx(images_file, (28, 28)), read_idx(labels_file, ())
+    if len(images) != len(labels):
+        raise UserError(f"{images_file} holds {len(images)} images but {labels_file} holds "
+                        f"{len(labels)} labels; {REFETCH}")
+    return images, labels
 
 
 def verify_checksum(path: Path) -> None:
@@ -256,834 +1076,33 @@ def verify_checksum(path: Path) -> None:
                         f"{MNIST_MD5[path.name]}); {REFETCH}")
 
 
-def check_idx_file(path: Path, item_shape: tuple[int, ...]) -> int:
-    """Check an IDX file's magic number, item shape and length; return its item count."""
+def read_idx(path: Path, item_shape: tuple[int, ...]) -> torch.Tensor:
+    """The items of an IDX file (MNIST's format) as uint8, once its magic number, item shape and
+    length are checked."""
     dims = 1 + len(item_shape)
     try:
-        with open(path, "rb") as file:
-            header = file.read(4 + 4 * dims)
-        size = path.stat().st_size
+        content = path.read_bytes()
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror}; {REFETCH}") from None
-    if len(header) < 4 + 4 * dims or header[:4] != bytes((0, 0, 0x08, dims)):
+    header_size = 4 + 4 * dims
+    if len(content) < header_size or content[:4] != bytes((0, 0, 0x08, dims)):
         kind = "image" if item_shape else "label"
         raise UserError(f"{path} is not an MNIST {kind} file (wrong magic number); {REFETCH}")
-    count, *shape = struct.unpack(f">{dims}I", header[4:])
+    count, *shape = struct.unpack(f">{dims}I", content[4:header_size])
     if tuple(shape) != item_shape:
         raise UserError(f"{path} holds {'x'.join(map(str, shape))} images, not 28x28; {REFETCH}")
-    expected = len(header) + count * math.prod(item_shape)
-    if size != expected:
-        raise UserError(f"{path} is {size} bytes but its header promises {expected}: truncated or "
+    expected = header_size + count * math.prod(item_shape)
+    if len(content) != expected:
+        raise UserError(f"{path} is {len(content)} bytes but its header promises {expected}: truncated or "
                         f"corrupt; {REFETCH}")
-    return count
+    return torch.frombuffer(bytearray(content), dtype=torch.uint8)[header_size:].view(count, *item_shape)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 digits (N, 28, 28) -> float (N, 1, 28, 28) with the training set's mean and std."""
-    return images.unsqueeze(1).float().div(255).sub(MNIST_MEAN).div(MNIST_STD)
-
-
-class DeviceLoader:
-    """Mini-batches drawn from tensors that already live on the device.
-
-    No workers and no per-sample transforms: a batch is one index into two tensors. With
-    shuffle, each epoch's order is a permutation seeded by (seed, epoch) alone, so any epoch
-    can be replayed exactly. The last partial batch is kept.
-
-    Under torchrun each of the `world_size` processes takes every world_size-th sample of that
-    order, starting at its `rank`: together they see every sample once per epoch. A shuffled
-    order is first padded with its own first few samples to a multiple of world_size, so that
-    every process takes the same number of steps (as torch's DistributedSampler does).
-    """
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 shuffle: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        self.images, self.labels = images, labels
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> torch.Tensor:
-        """This process's samples for the current epoch, in order."""
-        count = len(self.labels)
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_000 + self.epoch)
-            order = torch.randperm(count, generator=generator)
-            order = torch.cat([order, order[:-count % self.world_size]])
-        else:
-            order = torch.arange(count)
-        return order[self.rank::self.world_size].to(self.labels.device)
-
-    def __len__(self) -> int:
-        count = len(self.labels)
-        if self.shuffle:
-            count = math.ceil(count / self.world_size)
-        else:
-            count = len(range(self.rank, count, self.world_size))
-        return math.ceil(count / self.batch_size)
-
-    def __iter__(self):
-        return self.batches()
-
-    def batches(self, first: int = 0):
-        """The epoch's batches from number `first` on (a resumed epoch skips those done)."""
-        order = self.indices()
-        for start in range(first * self.batch_size, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            yield self.images[batch], self.labels[batch]
-
-
-# ----------------------------------------------------------------------------------------
-# Training and evaluation
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint so that a resumed run continues exactly."""
-
-    epoch: int = 0  # epochs completed
-    batch: int = 0  # batches completed in the epoch under way
-    loss_sum: float = 0.0  # sum of those batches' losses, for the epoch's mean
-    best_accuracy: float = -1.0
-    seconds: float = 0.0  # training time so far, over all sessions of the run
-    logging_seconds: float = 0.0  # time spent on histograms, figures and embeddings
-    history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
-
-
-class StopFlag:
-    """SIGINT and SIGTERM, handled for the whole program.
-
-    While a run is under way (`deferred`), a signal only asks to stop: training honours it
-    between two steps by saving the state and raising Interrupted, so the saved state is
-    always consistent and no library is interrupted halfway. Before a run has a folder there
-    is nothing to save, and the signal raises Interrupted at once. Once stopping, further
-    signals change nothing, so a second Ctrl-C cannot break a checkpoint being written.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.deferred = False
-
-    def __enter__(self) -> "StopFlag":
-        self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for sig, handler in self.previous.items():
-            # Once stopping, the program is on its way out: a late signal must not turn the
-            # clean exit into a KeyboardInterrupt traceback.
-            signal.signal(sig, signal.SIG_IGN if self.signum is not None else handler)
-
-    def _request(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            return
-        self.signum = signum
-        if not self.deferred:
-            raise Interrupted(signum)
-        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state...")
-
-
-def train_epoch(net: MNISTNet, optimizer: torch.optim.Optimizer, scheduler, loader: DeviceLoader,
-                description: str, first_batch: int = 0, stop: StopFlag | None = None
-                ) -> tuple[list[float], list[float]]:
-    """Train on the epoch's batches from `first_batch` on; returns each step's loss and learning rate.
-
-    Returns early, with fewer steps, when `stop` is raised or the loss stops being finite.
-    Under torchrun the losses are the mean over all processes, and all stop at the same step.
-    """
-    net.train()
-    # Step losses stay on the device and come to the host once per epoch (and every 50
-    # steps for the progress bar): a .item() per step would stall a GPU on every batch.
-    step_losses = torch.zeros(len(loader) - first_batch, device=loader.labels.device)
-    step_lrs = []
-    progress = tqdm(loader.batches(first_batch), desc=description, total=len(loader), initial=first_batch,
-                    unit="batch", dynamic_ncols=True, disable=loader.rank != 0)
-    with progress:
-        for step, (images, labels) in enumerate(progress):
-            if should_stop(stop, check_now=step % 50 == 0):
-                break
-            loss = F.cross_entropy(net(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            step_lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            step_losses[step] = loss.detach()
-            if step % 50 == 49:
-                recent_loss = step_losses[step - 49:step + 1].mean().item()
-                progress.set_postfix(loss=f"{recent_loss:.4f}")
-                if agreed_max(0.0 if math.isfinite(recent_loss) else 1.0):
-                    break  # diverged: train() reports it
-    step_losses = step_losses[:len(step_lrs)]
-    if loader.world_size > 1:
-        dist.all_reduce(step_losses)
-        step_losses /= loader.world_size
-    return step_losses.tolist(), step_lrs
-
-
-def agreed_max(value: float) -> float:
-    """The largest `value` over all processes: a decision every process then takes together.
-
-    In a single process it is just `value`. Under torchrun it is one small all-reduce, made
-    at the same step on every process (every 50 steps), never per step.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item()
-
-
-def should_stop(stop: StopFlag | None, check_now: bool = True) -> bool:
-    """Has a signal asked to stop? Under torchrun the processes agree, at steps where `check_now`."""
-    if stop is None:
-        return False
-    if not (dist.is_available() and dist.is_initialized()):
-        return stop.signum is not None
-    if not check_now:
-        return False
-    signum = int(agreed_max(float(stop.signum or 0)))
-    if signum and stop.signum is None:
-        stop.signum = signum  # another process got the signal: stop with it
-    return signum != 0
-
-
-@dataclasses.dataclass
-class Evaluation:
-    """One pass over the test set: the numbers, and the logits for the figures."""
-
-    loss: float
-    accuracy: float
-    logits: torch.Tensor  # (N, 10), on the device
-    labels: torch.Tensor  # (N,)
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
-
-    def class_accuracy(self) -> list[float]:
-        """Accuracy on the test digits of each class, 0 to 9."""
-        hits = torch.bincount(self.labels[self.predictions == self.labels], minlength=10)
-        return (hits / torch.bincount(self.labels, minlength=10).clamp(min=1)).tolist()
-
-
-@torch.no_grad()
-def test(model: MNISTNet, loader: DeviceLoader) -> Evaluation:
-    """Mean cross-entropy and accuracy over the whole test set.
-
-    Under torchrun each process scores its share of the test set and the logits of all of
-    them are gathered, so every process reports the numbers of the whole set.
-    """
-    model.eval()
-    logits = torch.cat([model(images) for images, _ in loader])
-    if loader.world_size > 1:
-        logits = gather_shards(logits, loader.world_size, len(loader.labels))
-    loss = F.cross_entropy(logits, loader.labels, reduction="sum").item() / len(loader.labels)
-    accuracy = (logits.argmax(dim=1) == loader.labels).sum().item() / len(loader.labels)
-    return Evaluation(loss, accuracy, logits, loader.labels)
-
-
-def gather_shards(shard: torch.Tensor, world_size: int, count: int) -> torch.Tensor:
-    """Reassemble rows that process r computed for samples r, r + world_size, ... of `count`."""
-    longest = math.ceil(count / world_size)
-    padded = torch.zeros(longest, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
-    padded[:len(shard)] = shard
-    parts = [torch.empty_like(padded) for _ in range(world_size)]
-    dist.all_gather(parts, padded)
-    whole = torch.empty(count, *shard.shape[1:], dtype=shard.dtype, device=shard.device)
-    for rank, part in enumerate(parts):
-        rows = len(range(rank, count, world_size))
-        whole[rank::world_size] = part[:rows]
-    return whole
-
-
-def train(net: MNISTNet, optimizer: torch.optim.Optimizer, loader: DeviceLoader,
-          writer: SummaryWriter, epochs: int, *, scheduler, test_loader: DeviceLoader,
-          progress: Progress, save, stop: StopFlag) -> Evaluation | None:
-    """Train from `progress` up to `epochs`, testing, logging and checkpointing after each epoch.
-
-    Returns the last epoch's test results, or None when no epoch was left to train.
-
-    `net` may be wrapped in DistributedDataParallel; `writer` and `save(name)` (which writes
-    checkpoints/<name>.pt) do nothing outside process 0. On a stop request the state is
-    saved to last.pt and Interrupted is raised.
-    """
-    module = getattr(net, "module", net)  # the plain MNISTNet inside a DDP wrapper
-    steps_per_epoch = len(loader)
-    result = None
-    while progress.epoch < epochs:
-        epoch = progress.epoch + 1
-        loader.set_epoch(epoch)
-        started = time.perf_counter()
-        step_losses, step_lrs = train_epoch(net, optimizer, scheduler, loader, f"Epoch {epoch}/{epochs}",
-                                            first_batch=progress.batch, stop=stop)
-        first_step = (epoch - 1) * steps_per_epoch + progress.batch + 1
-        for offset, (loss, lr) in enumerate(zip(step_losses, step_lrs)):
-            writer.add_scalar("training loss/per step", loss, first_step + offset)
-            writer.add_scalar("learning rate", lr, first_step + offset)
-        progress.batch += len(step_losses)
-        progress.loss_sum += sum(step_losses)
-        progress.seconds += time.perf_counter() - started
-        if not (math.isfinite(progress.loss_sum) and all(p.isfinite().all() for p in module.parameters())):
-            raise UserError(f"training diverged in epoch {epoch}: the loss or the weights are no longer "
-                            f"finite; try a smaller --lr (this run used "
-                            f"{optimizer.param_groups[0]['initial_lr']:g})")
-        if progress.batch < steps_per_epoch:  # stopped mid-epoch
-            save("last")
-            raise Interrupted(stop.signum)
-
-        result = test(module, test_loader)
-        test_loss, test_accuracy = result.loss, result.accuracy
-        train_loss = progress.loss_sum / steps_per_epoch
-        writer.add_scalar("training loss", train_loss, epoch)
-        writer.add_scalar("test loss", test_loss, epoch)
-        writer.add_scalar("test accuracy", test_accuracy, epoch)
-        started = time.perf_counter()
-        log_epoch_details(writer, module, result, epoch)
-        progress.logging_seconds += time.perf_counter() - started
-        progress.history.append({"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                                 "test_accuracy": test_accuracy})
-        progress.epoch, progress.batch, progress.loss_sum = epoch, 0, 0.0
-        if loader.rank == 0:
-            tqdm.write(f"Epoch {epoch}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
-                       f"test accuracy {test_accuracy:.4f}")
-        writer.flush()
-        save("last")
-        if test_accuracy > progress.best_accuracy:
-            progress.best_accuracy = test_accuracy
-            save("best")
-        if should_stop(stop):
-            raise Interrupted(stop.signum)
-    return result
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int,
-                   start_step: int = 0):
-    """Hold --lr, then fall linearly to 0 over the last `decay_fraction` of the steps.
-
-    A long constant phase learns fast; the final decay settles the weights into a minimum
-    (worth about 0.5% test accuracy here over a constant rate).
-    """
-    decay_steps = decay_fraction * total_steps
-
-    def factor(step: int) -> float:
-        return 1.0 if decay_steps == 0 else min(1.0, max(0.0, total_steps - step) / decay_steps)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)
-
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints: plain dicts of tensors and numbers, readable with weights_only=True.
-
-
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "global_step", "progress", "rng", "config"}
-
-
-def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """Write atomically: a temporary file, flushed to disk, then renamed over the old one."""
-    path.parent.mkdir(exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {error.strerror}; the previous checkpoint "
-                        "is kept. Free some disk space or pick another --log-dir") from None
-
-
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint file, or a run folder's checkpoints/last.pt, without running any code."""
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; give a .pt file or a run folder with checkpoints/last.pt")
-    try:
-        # weights_only: tensors, numbers, strings and containers only; a pickled object that
-        # would run code when loaded is refused instead.
-        with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file
-            warnings.simplefilter("ignore")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} cannot be loaded safely: it holds Python objects other than tensors "
-                        "and numbers, which could run code when unpickled; refused") from None
-    except Exception as error:  # torch.load raises many types for a file that is no checkpoint
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserError(
-            f"{path} cannot be loaded safely: it is not a PyTorch checkpoint ({reason})") from None
-    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
-        raise UserError(f"{path} is not a train_mnist.py checkpoint (it lacks model, optimizer, ...)")
-    checkpoint["path"] = path
-    return checkpoint
-
-
-def restore_model(net: MNISTNet, checkpoint: dict) -> None:
-    try:
-        net.load_state_dict(checkpoint["model"])
-    except (RuntimeError, TypeError, AttributeError):
-        raise UserError(f"{checkpoint['path']} holds weights of a different network than MNISTNet") from None
-
-
-# ----------------------------------------------------------------------------------------
-# Run directory and TensorBoard
-
-
-def make_run_dir(log_dir: Path, run_name: str | None, args: argparse.Namespace) -> Path:
-    """Create a fresh run folder; two runs never share one, even when started together."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = run_name or f"{stamp}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs}_mom{args.momentum:g}"
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1 if run_name else 1000):
-            run_dir = log_dir / (base if attempt == 0 else f"{base}_{attempt + 1}")
-            try:
-                run_dir.mkdir()  # atomic: of two runs racing for a name, one gets it
-                return run_dir
-            except FileExistsError:
-                continue
-    except OSError as error:
-        raise UserError(f"cannot create a run folder in {log_dir}: {error.strerror}; "
-                        "fix its permissions or pick another --log-dir") from None
-    if run_name:
-        raise UserError(f"run {log_dir / run_name} already exists; pick another --run-name, "
-                        f"or continue it with --resume {log_dir / run_name}")
-    raise UserError(f"too many runs named {base}* in {log_dir}; pick a --run-name")
-
-
-def log_inputs(writer: SummaryWriter, net: MNISTNet, raw_images: torch.Tensor,
-               images: torch.Tensor) -> None:
-    """A grid of 64 training digits, and the network's graph traced on a real batch."""
-    grid = torchvision.utils.make_grid(raw_images[:64].unsqueeze(1).float() / 255, nrow=8)
-    writer.add_image("mnist_images", grid)
-    with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
-        warnings.simplefilter("ignore")
-        writer.add_graph(net, images[:64])
-
-
-@torch.no_grad()
-def log_embedding(writer: SummaryWriter, tag: str, net: MNISTNet, images: torch.Tensor,
-                  raw_images: torch.Tensor, labels: torch.Tensor, count: int, seed: int, epoch: int,
-                  predictions: torch.Tensor | None = None) -> None:
-    """Learned 256-d features of `count` random digits, for the projector.
-
-    Labelled with the digit, and with the network's prediction too when given, so that the
-    projector can colour the points by either.
-    """
-    if count == 0:
-        return
-    pick = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count]
-    net.eval()
-    features = net.get_features(images[pick.to(images.device)]).cpu()
-    # Thumbnails in [0, 1]: raw 0-255 values would saturate the sprite to white.
-    thumbnails = raw_images[pick].unsqueeze(1).float() / 255
-    chosen_labels = labels[pick.to(labels.device)].tolist()
-    if predictions is None:
-        metadata, header = chosen_labels, None
-    else:
-        chosen_predictions = predictions[pick.to(predictions.device)].tolist()
-        metadata = [list(pair) for pair in zip(chosen_labels, chosen_predictions)]
-        header = ["label", "prediction"]
-    # Filed under the epoch (<run>/000NN/<tag>/), so that a run resumed to train longer adds
-    # its new embedding beside the old one instead of overwriting it.
-    writer.add_embedding(features, metadata=metadata, metadata_header=header, label_img=thumbnails,
-                         global_step=epoch, tag=tag)
-
-
-def log_epoch_details(writer: SummaryWriter, net: MNISTNet, result: Evaluation, epoch: int) -> None:
-    """Every epoch: weight and gradient histograms, accuracy per digit, the conv1 filters."""
-    for name, parameter in net.named_parameters():
-        writer.add_histogram(f"weights/{name}", parameter.detach(), epoch)
-        if parameter.grad is not None:  # the gradient of the epoch's last step
-            writer.add_histogram(f"gradients/{name}", parameter.grad, epoch)
-    for digit, accuracy in enumerate(result.class_accuracy()):
-        writer.add_scalar(f"test accuracy per digit/{digit}", accuracy, epoch)
-    filters = net.conv1.weight.detach().cpu()  # (8, 1, 5, 5)
-    low = filters.amin(dim=(1, 2, 3), keepdim=True)
-    high = filters.amax(dim=(1, 2, 3), keepdim=True)
-    scaled = (filters - low) / (high - low).clamp(min=1e-8)  # each filter stretched to [0, 1]
-    enlarged = F.interpolate(scaled, scale_factor=8, mode="nearest")  # 5x5 is too small to see
-    writer.add_image("conv1 filters", torchvision.utils.make_grid(enlarged, nrow=8, pad_value=1), epoch)
-
-
-def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
-    """counts[true, predicted]: how many test digits of each class got each prediction."""
-    return torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10).cpu()
-
-
-def confusion_figure(labels: torch.Tensor, predictions: torch.Tensor) -> plt.Figure:
-    counts = confusion_counts(labels, predictions)
-    figure, axes = plt.subplots(figsize=(6.5, 6))
-    axes.imshow(counts.clamp(max=int(counts.max()) // 10 or 1).numpy(), cmap="Blues")  # clamped: errors show
-    for true in range(10):
-        for predicted in range(10):
-            count = int(counts[true, predicted])
-            axes.text(predicted, true, count, ha="center", va="center", fontsize=8,
-                      color="white" if true == predicted else "black")
-    axes.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit",
-             title="Confusion matrix of the test set (counts)")
-    figure.tight_layout()
-    return figure
-
-
-def misclassified_figure(raw_images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
-                         count: int = 36) -> plt.Figure:
-    wrong = (predictions != labels).nonzero().flatten()[:count].cpu()
-    columns = 6
-    rows = max(1, math.ceil(len(wrong) / columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5), squeeze=False)
-    for axes in grid.flat:
-        axes.axis("off")
-    for axes, index in zip(grid.flat, wrong.tolist()):
-        axes.imshow(raw_images[index].numpy(), cmap="gray")
-        axes.set_title(f"true {int(labels[index])}\npred {int(predictions[index])}", fontsize=8)
-    figure.suptitle(f"Misclassified test digits (first {len(wrong)})", fontsize=10)
-    figure.tight_layout()
-    return figure
-
-
-def log_final_details(writer: SummaryWriter, net: MNISTNet, result: Evaluation, raw_test_images: torch.Tensor,
-                      test_images: torch.Tensor, epoch: int, num_embeddings: int, seed: int) -> None:
-    """After training, from the test set: confusion matrix, mistakes, PR curves, embedding."""
-    labels, predictions = result.labels, result.predictions
-    writer.add_figure("confusion matrix", confusion_figure(labels, predictions), epoch)
-    mistakes = misclassified_figure(raw_test_images, labels, predictions)
-    writer.add_figure("misclassified digits", mistakes, epoch)
-    probabilities = F.softmax(result.logits, dim=1).cpu()
-    for digit in range(10):
-        writer.add_pr_curve(f"pr curve/{digit}", (labels == digit).cpu(), probabilities[:, digit], epoch)
-    log_embedding(writer, "test features", net, test_images, raw_test_images, labels, num_embeddings, seed,
-                  epoch, predictions=predictions)
-
-
-def log_hparams(writer: SummaryWriter, args: argparse.Namespace, metrics: dict) -> None:
-    """One HPARAMS row for this run, written through the run's own writer.
-
-    SummaryWriter.add_hparams would start a separate sub-run; the metrics named here are the
-    run's own `test accuracy` and `test loss` curves, whose last values the tab shows.
-    """
-    hparam_values = {"lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs,
-                     "momentum": args.momentum, "weight_decay": args.weight_decay,
-                     "lr_decay": args.lr_decay, "seed": args.seed, "deterministic": args.deterministic}
-    experiment, session_start, session_end = hparams(
-        hparam_values, {"test accuracy": metrics["test_accuracy"], "test loss": metrics["test_loss"]})
-    for summary in (experiment, session_start, session_end):
-        writer.file_writer.add_summary(summary)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically, like the checkpoints: a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        temporary.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {error.strerror}; free some disk space or "
-                        "pick another --log-dir") from None
-
-
-# ----------------------------------------------------------------------------------------
-# Several processes: torchrun starts one copy of this script per process (GPU) and sets
-# RANK, LOCAL_RANK and WORLD_SIZE. Every process trains on its share of each batch order;
-# process 0 alone shows the progress bar and writes the logs, checkpoints and JSON files.
-
-
-def start_distributed(args: argparse.Namespace) -> None:
-    """Under torchrun, join the process group (gloo on the CPU, nccl on GPUs) and pick this
-    process's GPU. A plain `python train_mnist.py` runs as one process and does nothing here."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return
-    if args.device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"torchrun started more processes on this machine than its "
-                            f"{torch.cuda.device_count()} GPU(s); use --nproc_per_node="
-                            f"{torch.cuda.device_count()} or --device cpu")
-        args.device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl", device_id=args.device)
-    else:
-        dist.init_process_group("gloo")
-
-
-def process_rank() -> tuple[int, int]:
-    """(this process's rank, number of processes): (0, 1) unless started by torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class NullWriter:
-    """Stands in for SummaryWriter in processes other than 0: they train, but do not log."""
-
-    def __getattr__(self, name: str) -> "NullWriter":
-        return self
-
-    def __call__(self, *args, **kwargs) -> "NullWriter":
-        return self
-
-
-def load_splits(args: argparse.Namespace, rank: int, splits: tuple[bool, ...] = (True, False)) -> list:
-    """The splits asked for (train=True, test=False) on the device. Under torchrun process 0
-    goes first, so that a download happens once; the others then read the files it left."""
-    if rank != 0:
-        dist.barrier()
-    loaded = [load_data(args, train=train) for train in splits]
-    if rank == 0 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    return loaded
-
-
-# ----------------------------------------------------------------------------------------
-# Main: one run, a sweep of runs, or the evaluation of a checkpoint
-
-
-def load_data(args: argparse.Namespace, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One split on the device: (raw uint8 images on the host, normalized images, labels)."""
-    raw_images, labels = load_mnist(args.data_dir, train=train, verify=args.verify_data)
-    return raw_images, normalize(raw_images.to(args.device)), labels.to(args.device)
-
-
-def config_of(args: argparse.Namespace) -> dict:
-    """The resolved flags of one run, as JSON-ready values (also stored in checkpoints)."""
-    skip = {"checkpoint", "resume", "evaluate"}
-    config = {key: value[0] if key in SWEEP_FLAGS and isinstance(value, list) else value
-              for key, value in vars(args).items() if key not in skip}
-    return {key: str(value) if isinstance(value, (Path, torch.device)) else value
-            for key, value in config.items()}
-
-
-def set_determinism(args: argparse.Namespace) -> None:
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def run(args: argparse.Namespace, stop: StopFlag) -> dict:
-    """One training run (new or resumed): returns its final metrics."""
-    set_determinism(args)
-    rank, world_size = process_rank()
-    (raw_train_images, train_images, train_labels), (raw_test_images, test_images, test_labels) = (
-        load_splits(args, rank))
-    train_loader = DeviceLoader(train_images, train_labels, args.batch_size, shuffle=True, seed=args.seed,
-                                rank=rank, world_size=world_size)
-    test_loader = DeviceLoader(test_images, test_labels, args.test_batch_size, rank=rank,
-                               world_size=world_size)
-
-    net, optimizer, scheduler = build_model(args, total_steps=args.epochs * len(train_loader))
-    stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
-    if args.resume:
-        restore_model(net, args.checkpoint)
-        run_dir = run_dir_to_resume(args.checkpoint, args.epochs)
-        progress, scheduler = restore_run(args.checkpoint, optimizer, scheduler, args.lr_decay,
-                                          args.epochs * len(train_loader), len(train_loader), world_size)
-    else:
-        progress = Progress()
-        run_dir = make_run_dir(args.log_dir, args.run_name, args) if rank == 0 else None
-    config = config_of(args) | {"run_dir": str(run_dir)}
-    if rank == 0:
-        write_json(run_dir / "config.json", config)
-        print(f"Training on {args.device} with seed {args.seed}"
-              + (f" in {world_size} processes" if world_size > 1 else "") + f"; logging to {run_dir}")
-    # Under torchrun the model is wrapped so that backward() averages the gradients of all
-    # processes; each process on its own GPU, if any.
-    model = net if world_size == 1 else DistributedDataParallel(
-        net, device_ids=[args.device.index] if args.device.type == "cuda" else None)
-
-    def save(name: str) -> None:
-        if rank == 0:  # the weights are the same in every process
-            save_checkpoint(run_dir / "checkpoints" / f"{name}.pt", {
-                "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": progress.epoch,
-                "global_step": progress.epoch * len(train_loader) + progress.batch,
-                "world_size": world_size, "progress": dataclasses.asdict(progress),
-                "rng": {"torch": torch.get_rng_state()}, "config": config})
-
-    writer = SummaryWriter(run_dir) if rank == 0 else NullWriter()
-    try:
-        if not args.resume:
-            log_inputs(writer, net, raw_train_images, train_images)
-        final_test = train(model, optimizer, train_loader, writer, args.epochs, scheduler=scheduler,
-                           test_loader=test_loader, progress=progress, save=save, stop=stop)
-        if final_test is None:  # resumed after its last epoch: test once more for the figures
-            final_test = test(net, test_loader)  # every process takes part; process 0 logs
-        if rank != 0:
-            return {}
-        started = time.perf_counter()
-        log_embedding(writer, "train features", net, train_images, raw_train_images, train_labels,
-                      args.num_embeddings, args.seed, args.epochs)
-        log_final_details(writer, net, final_test, raw_test_images, test_images,
-                          args.epochs, args.num_embeddings, args.seed)
-        progress.logging_seconds += time.perf_counter() - started
-        metrics = final_metrics(progress, args.epochs, len(train_labels))
-        log_hparams(writer, args, metrics)
-        write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
-    except Interrupted as interrupted:
-        if run_dir is not None and (run_dir / "checkpoints" / "last.pt").exists():
-            interrupted.run_dir = run_dir
-        raise
-    finally:
-        stop.deferred = False
-        writer.close()
-    print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
-    print(f"Run directory: {run_dir}")
-    return metrics
-
-
-def build_model(args: argparse.Namespace, total_steps: int):
-    """The network (seeded), its SGD optimizer and learning-rate schedule."""
-    torch.manual_seed(args.seed)
-    net = MNISTNet().to(args.device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
-    return net, optimizer, make_scheduler(optimizer, args.lr_decay, total_steps)
-
-
-def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
-    final = progress.history[-1]
-    return {
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"],
-        "epochs": epochs,
-        "training_seconds": round(progress.seconds, 3),
-        "images_per_second": round(epochs * train_count / progress.seconds, 1),
-        "visualization_seconds": round(progress.logging_seconds, 3),
-    }
-
-
-def run_dir_to_resume(checkpoint: dict, epochs: int) -> Path:
-    """The folder of the run a checkpoint belongs to, if that run can go on to `epochs`."""
-    if checkpoint["path"].parent.name != "checkpoints":
-        raise UserError("--resume continues a run in its folder: give the run folder, or a checkpoint "
-                        "in its checkpoints/ folder (use --evaluate to test a loose checkpoint)")
-    run_dir = checkpoint["path"].parent.parent
-    if checkpoint["epoch"] >= epochs and (run_dir / "metrics.json").exists():
-        raise UserError(f"run {run_dir} has finished its {checkpoint['epoch']} epochs; "
-                        "resume it with a larger --epochs to train longer")
-    return run_dir
-
-
-def restore_run(checkpoint: dict, optimizer: torch.optim.Optimizer, scheduler,
-                decay_fraction: float, total_steps: int, steps_per_epoch: int, world_size: int):
-    """Load a checkpoint's training state to continue its run; returns (progress, scheduler)."""
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        progress = Progress(**checkpoint["progress"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-    except (KeyError, TypeError, ValueError, RuntimeError):
-        raise UserError(f"{checkpoint['path']} lacks part of the training state (optimizer, schedule "
-                        "or position), so it cannot be resumed; --evaluate can still test it") from None
-    if checkpoint.get("world_size", 1) != world_size:
-        # Another number of processes splits an epoch into other steps: an interrupted epoch
-        # starts again from its first batch, and the schedule continues from the epoch's start.
-        progress.batch, progress.loss_sum = 0, 0.0
-        scheduler = make_scheduler(optimizer, decay_fraction, total_steps,
-                                   start_step=progress.epoch * steps_per_epoch)
-    if process_rank()[0] == 0:
-        print(f"Resuming {checkpoint['path'].parent.parent} at epoch {progress.epoch + 1}, "
-              f"batch {progress.batch}")
-    return progress, scheduler
-
-
-def evaluate(args: argparse.Namespace) -> float:
-    """Test a checkpoint on the test set; no training, no run directory."""
-    checkpoint = args.checkpoint
-    net = MNISTNet().to(args.device)
-    restore_model(net, checkpoint)
-    rank, world_size = process_rank()
-    ((_, test_images, test_labels),) = load_splits(args, rank, splits=(False,))
-    result = test(net, DeviceLoader(test_images, test_labels, args.test_batch_size, rank=rank,
-                                    world_size=world_size))
-    if rank == 0:
-        print(f"Checkpoint: {checkpoint['path']} (epoch {checkpoint['epoch']})")
-        print(f"Test loss: {result.loss:.4f}")
-        print(f"Test accuracy: {result.accuracy:.4f}")
-    return result.accuracy
-
-
-def sweep(runs: list[argparse.Namespace], stop: StopFlag) -> list[dict]:
-    """Run each point of the grid in turn; a failed run is reported and the sweep goes on."""
-    is_main = process_rank()[0] == 0  # under torchrun, process 0 keeps the table
-    results = []
-    for index, one_run in enumerate(runs, start=1):
-        if stop.signum is not None:
-            raise Interrupted(stop.signum)
-        values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
-        report(f"\n=== Sweep run {index}/{len(runs)}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-        try:
-            metrics = run(one_run, stop)
-            outcome = {"test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
-                       "status": "ok"}
-        except UserError as error:
-            report(f"error: {error}", every_node=True)
-            outcome = {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"}
-        if is_main:
-            results.append(values | outcome)
-    if not results:
-        return results
-    results.sort(key=lambda row: -1 if row["test_accuracy"] is None else row["test_accuracy"], reverse=True)
-    table_path = runs[0].log_dir / f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv"
-    with open(table_path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
-    print("\nSweep results, best first:")
-    print(" ".join(f"{key:>14}" for key in results[0]))
-    for row in results:
-        print(" ".join(f"{'-' if value is None else value:>14}" for value in row.values()))
-    print(f"Saved to {table_path}")
-    return results
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        with StopFlag() as stop:
-            start_distributed(args)
-            if args.evaluate:
-                evaluate(args)
-                return 0
-            runs = expand_sweep(args)
-            if len(runs) == 1:
-                run(runs[0], stop)
-            else:
-                sweep(runs, stop)
-            if stop.signum is not None:  # it came during the final logging: nothing was lost
-                report(f"Stopped by {signal.Signals(stop.signum).name} as the run finished.")
-                return 128 + stop.signum
-    except UserError as error:
-        report(f"error: {error}", every_node=True)
-        return 1
-    except (Interrupted, KeyboardInterrupt) as interrupted:
-        signum = getattr(interrupted, "signum", signal.SIGINT)
-        name = signal.Signals(signum).name
-        run_dir = getattr(interrupted, "run_dir", None)
-        if run_dir is None:
-            report(f"\nStopped by {name} before there was anything to save.")
-        else:
-            report(f"Stopped by {name}; state saved to {run_dir / 'checkpoints' / 'last.pt'}.\n"
-                   f"Resume with: python train_mnist.py --resume {run_dir}")
-        return 128 + signum
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-def report(message: str, every_node: bool = False) -> None:
-    """Print to stderr from process 0 (or, for errors, from the first process of each machine)."""
-    rank = process_rank()[0]
-    if rank == 0 or (every_node and int(os.environ.get("LOCAL_RANK", 0)) == 0):
-        print(message if rank == 0 else f"[rank {rank}] {message}", file=sys.stderr)
+def stop_if_diverged(net: MNISTNet, loss_sum: float, epoch: int, lr: float) -> None:
+    """A loss or weights that are no longer finite end the run, before a checkpoint keeps them."""
+    if not (math.isfinite(loss_sum) and all(p.isfinite().all() for p in net.parameters())):
+        raise UserError(f"training diverged in epoch {epoch}: the loss or the weights are no longer finite; "
+                        f"try a smaller --lr (this run used {lr:g})")
 
 
 if __name__ == "__main__":

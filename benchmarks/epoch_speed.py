@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train_mnist  # noqa: E402
-from models import MNISTNet  # noqa: E402
+import train_mnist
+from models import MNISTNet
 
 BATCH_SIZE, LR, MOMENTUM = 64, 1e-3, 0.9
 
@@ -69,7 +69,8 @@ def time_ours(loader, device) -> float:
     sync(device)
     started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # the bar is drawn, just not shown here
-        train_mnist.train_epoch(net, optimizer, scheduler, loader, "benchmark")
+        train_mnist.train(net, optimizer, scheduler, loader, epoch=1, epochs=1, first_batch=0,
+                          stop=train_mnist.StopFlag())
     sync(device)
     return time.perf_counter() - started
 
@@ -103,9 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    raw_images, labels = train_mnist.load_mnist(args.data_dir, train=True)
-    images = train_mnist.normalize(raw_images.to(device))
-    labels = labels.to(device)
+    images, labels = train_mnist.load_split(args.data_dir, train=True, device=device)[1:]
     batches = [(images[i:i + BATCH_SIZE].contiguous(), labels[i:i + BATCH_SIZE])
                for i in range(0, len(labels), BATCH_SIZE)]
     ours_loader = train_mnist.DeviceLoader(images, labels, BATCH_SIZE, shuffle=True, seed=1)

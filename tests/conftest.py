@@ -1,19 +1,36 @@
-"""Shared test helpers: tiny MNIST-format data sets written as real IDX files, and the real MNIST."""
+"""Shared test helpers: tiny MNIST-format data sets written as real IDX files, the real MNIST,
+and the ways the tests start the script: in-process through main(), or as a real process when
+the process itself is under test (its exit code, its console, its signals, torchrun)."""
 
+import json
 import os
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import train_mnist  # noqa: E402
+
 IMAGE_FILES = {True: "train-images-idx3-ubyte", False: "t10k-images-idx3-ubyte"}
 LABEL_FILES = {True: "train-labels-idx1-ubyte", False: "t10k-labels-idx1-ubyte"}
+STEPS_PER_EPOCH = 300  # of INTERRUPTIBLE
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
+# A run long enough to be interrupted by a signal in its second epoch: 3 epochs of 300 steps
+# (interruptible_data's 2,400 digits in batches of 8).
+INTERRUPTIBLE = ["--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
+                 "--device", "cpu"]
+
+
+# --- Data --------------------------------------------------------------------------------
 
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array in the IDX format of the MNIST files (big-endian header)."""
@@ -48,12 +65,114 @@ def synthetic_data(tmp_path: Path) -> Path:
     return write_mnist(tmp_path / "data")
 
 
+def real_mnist_candidates() -> list[Path]:
+    """Where the real MNIST is looked for: $MNIST_DATA_DIR, then data/ (where the script puts it),
+    then ../shared/data beside the repo."""
+    candidates = [Path(os.environ["MNIST_DATA_DIR"])] if os.environ.get("MNIST_DATA_DIR") else []
+    return [*candidates, REPO / "data", REPO.parent / "shared" / "data"]
+
+
+def find_real_mnist() -> Path | None:
+    for data_dir in real_mnist_candidates():
+        if all((data_dir / "MNIST" / "raw" / name).is_file() for name in train_mnist.MNIST_FILES):
+            return data_dir
+    return None
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
+                                  items: list[pytest.Item]) -> None:
+    """Stop at once, with one line, when tests that need the real MNIST are chosen and it is nowhere."""
+    needs_real_data = any("real_data_dir" in getattr(item, "fixturenames", ()) for item in items)
+    if needs_real_data and find_real_mnist() is None:
+        searched = ", ".join(str(path / "MNIST" / "raw") for path in real_mnist_candidates())
+        pytest.exit(f"the real MNIST is not in {searched}: run `python train_mnist.py` once to download "
+                    "it into data/, or set MNIST_DATA_DIR to the folder that holds MNIST/raw/", returncode=4)
+
+
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    """The real MNIST: $MNIST_DATA_DIR, or ../shared/data beside the repo. Missing is a failure."""
-    data_dir = Path(os.environ.get("MNIST_DATA_DIR", REPO.parent / "shared" / "data"))
-    raw = data_dir / "MNIST" / "raw"
-    missing = [name for name in (*IMAGE_FILES.values(), *LABEL_FILES.values()) if not (raw / name).is_file()]
-    if missing:
-        pytest.fail(f"the real MNIST is missing from {raw}: {missing}; set MNIST_DATA_DIR")
+    data_dir = find_real_mnist()
+    assert data_dir is not None  # pytest_collection_modifyitems stopped the session otherwise
     return data_dir
+
+
+# --- Running the script ------------------------------------------------------------------
+
+def train_in_process(data_dir: Path, log_dir: Path, name: str, *flags: str) -> Path:
+    """main() with these flags into log_dir/name; returns that run folder."""
+    argv = [*flags, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--run-name", name]
+    assert train_mnist.main(argv) == 0
+    return log_dir / name
+
+
+def script_command(*argv: str) -> list[str]:
+    return [sys.executable, str(REPO / "train_mnist.py"), *argv]
+
+
+def run_script(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python train_mnist.py ARGV` in a real process, to its end."""
+    return subprocess.run(script_command(*argv), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def start_script(*argv: str, **popen_options) -> subprocess.Popen:
+    """`python train_mnist.py ARGV` started in a real process, to be signalled or waited for."""
+    return subprocess.Popen(script_command(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen_options)
+
+
+def torchrun(*argv: str, weights_dir: Path | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 train_mnist.py ARGV`; with weights_dir, through
+    ddp_worker.py, which also keeps each process's final weights there."""
+    if weights_dir is None:
+        command = [*TORCHRUN, str(REPO / "train_mnist.py"), *argv]
+    else:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        command = [*TORCHRUN, str(REPO / "tests" / "ddp_worker.py"), str(weights_dir), *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until `path` exists, while `process` still runs."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
+        time.sleep(0.01)
+
+
+def one_line_error(capsys: pytest.CaptureFixture) -> str:
+    """The one error line of an in-process main() (progress bars may precede it); never a traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --- Reading what a run wrote ------------------------------------------------------------
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key, tensor in first.items():
+        assert torch.equal(tensor, second[key]), key
+
+
+def metrics_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def interruptible_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist(tmp_path_factory.mktemp("interruptible") / "data", train_count=2400, test_count=200)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(interruptible_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The INTERRUPTIBLE run, left alone: what every interrupted and resumed copy must equal."""
+    return train_in_process(interruptible_data, tmp_path_factory.mktemp("reference"), "reference",
+                            *INTERRUPTIBLE)

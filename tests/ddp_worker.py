@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import train_mnist  # noqa: E402
+import train_mnist
 
 weights_dir = Path(sys.argv[1])
 real_test = train_mnist.test

@@ -1,36 +1,42 @@
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import train_mnist
-from conftest import REPO
+from conftest import run_script
+
+
+def parse(argv: list[str]):
+    args, checkpoint = train_mnist.parse_args(argv)
+    assert checkpoint is None
+    return args
 
 
 def test_seed_command_parses():
-    args = train_mnist.parse_args(["--epochs=5", "--lr=1e-3", "--batch_size=64"])
+    args = parse(["--epochs=5", "--lr=1e-3", "--batch_size=64"])
     assert (args.epochs, args.lr, args.batch_size) == ([5], [1e-3], [64])
 
 
 def test_both_spellings_of_multi_word_flags():
-    underscore = train_mnist.parse_args(
-        ["--batch_size=32", "--test_batch_size=50", "--data_dir=d", "--log_dir=l", "--run_name=r",
-         "--num_embeddings=3", "--lr_decay=0"])
-    hyphen = train_mnist.parse_args(
-        ["--batch-size=32", "--test-batch-size=50", "--data-dir=d", "--log-dir=l", "--run-name=r",
-         "--num-embeddings=3", "--lr-decay=0"])
+    underscore = parse(["--batch_size=32", "--test_batch_size=50", "--data_dir=d", "--log_dir=l",
+                        "--run_name=r", "--num_embeddings=3", "--lr_decay=0", "--weight_decay=0.1",
+                        "--verify_data"])
+    hyphen = parse(["--batch-size=32", "--test-batch-size=50", "--data-dir=d", "--log-dir=l",
+                    "--run-name=r", "--num-embeddings=3", "--lr-decay=0", "--weight-decay=0.1",
+                    "--verify-data"])
     assert vars(underscore) == vars(hyphen)
-    assert underscore.batch_size == [32] and underscore.test_batch_size == 50
+    assert underscore.batch_size == [32] and underscore.test_batch_size == 50 and underscore.verify_data
 
 
-def test_help_shows_every_flag_with_its_default(capsys):
+def test_help_shows_every_flag_in_its_group_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_mnist.parse_args(["--help"])
+        parse(["--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
+    for group in ("training:", "data:", "logging:", "experiments:"):
+        assert group in text
     for flag in ("--epochs", "--lr", "--batch_size", "--momentum", "--seed", "--device", "--data-dir",
-                 "--log-dir", "--run-name", "--test-batch-size", "--num-embeddings"):
+                 "--log-dir", "--run-name", "--test-batch-size", "--num-embeddings", "--resume",
+                 "--evaluate"):
         assert flag in text
     assert text.count("(default:") >= 12
 
@@ -44,28 +50,43 @@ BAD_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("flags", BAD_FLAGS, ids=lambda flags: " ".join(flags))
-def test_bad_values_are_refused_with_usage_error(flags, capsys):
+@pytest.mark.parametrize("flags", BAD_FLAGS, ids=" ".join)
+def test_bad_values_are_refused_with_a_usage_error_naming_flag_and_value(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train_mnist.parse_args(flags)
+        parse(flags)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
-    assert flags[0].lstrip("-").replace("-", "_").split("_")[0] in error
     assert "Traceback" not in error
+    last_line = error.strip().splitlines()[-1].replace("_", "-")
+    flag, value = flags
+    # argparse's own line: "...: error: argument --batch-size/--batch-size: '0' must be ..."
+    assert f"error: argument {flag.replace('_', '-')}" in last_line
+    assert f"'{value}'" in last_line
 
 
 def test_missing_cuda_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
-        train_mnist.parse_args(["--device", "cuda"])
+        parse(["--device", "cuda"])
     assert exit_info.value.code == 2
-    assert "no usable CUDA" in capsys.readouterr().err
+    assert "argument --device: this machine has no usable CUDA" in capsys.readouterr().err
 
 
+def test_parsed_flags_are_not_changed_afterwards(tmp_path, synthetic_data):
+    argv = ["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--data-dir", str(synthetic_data),
+            "--log-dir", str(tmp_path)]
+    args = parse(argv)
+    before = dict(vars(args))
+    (run_args,) = train_mnist.expand_sweep(args)
+    assert train_mnist.run(run_args, torch.device("cpu"), None, train_mnist.StopFlag()) is not None
+    assert vars(args) == before
+    assert isinstance(args.device, torch.device) and args.device.type == "cpu"
+
+
+@pytest.mark.slow
 def test_bad_flag_in_a_real_process_leaves_no_run_dir(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_mnist.py"), "--lr", "nan", "--log-dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, cwd=tmp_path)
+    result = run_script("--lr", "nan", "--log-dir", str(tmp_path / "runs"))
     assert result.returncode == 2
-    assert "--lr" in result.stderr and "Traceback" not in result.stderr
+    assert "argument --lr: 'nan' must be a finite number > 0" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()

@@ -1,23 +1,32 @@
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import train_mnist
-from conftest import REPO, synthetic_digits, write_idx, write_mnist
+from conftest import synthetic_digits, write_idx, write_mnist
+
+CPU = torch.device("cpu")
 
 
-def test_load_mnist_reads_real_idx_bytes(tmp_path):
+def test_load_split_reads_real_idx_bytes(tmp_path):
     data_dir = write_mnist(tmp_path, train_count=30, test_count=7, seed=3)
-    images, labels = train_mnist.load_mnist(data_dir, train=True)
+    train_set = train_mnist.load_split(data_dir, train=True, device=CPU)
     expected_images, expected_labels = synthetic_digits(30, seed=4)
-    assert images.dtype == torch.uint8 and images.shape == (30, 28, 28)
-    assert torch.equal(images, torch.from_numpy(expected_images))
-    assert labels.tolist() == expected_labels.tolist()
-    test_images, _ = train_mnist.load_mnist(data_dir, train=False)
-    assert test_images.shape == (7, 28, 28)
+    assert train_set.raw.dtype == torch.uint8 and train_set.raw.shape == (30, 28, 28)
+    assert torch.equal(train_set.raw, torch.from_numpy(expected_images))
+    assert train_set.labels.dtype == torch.int64
+    assert train_set.labels.tolist() == expected_labels.tolist()
+    assert torch.equal(train_set.images, train_mnist.normalize(train_set.raw))
+    test_set = train_mnist.load_split(data_dir, train=False, device=CPU)
+    assert test_set.raw.shape == (7, 28, 28) and test_set.images.shape == (7, 1, 28, 28)
+
+
+def test_the_real_files_read_as_torchvision_reads_them(real_data_dir):
+    for train in (True, False):
+        ours = train_mnist.load_split(real_data_dir, train=train, device=CPU)
+        theirs = torchvision.datasets.MNIST(real_data_dir, train=train)
+        assert torch.equal(ours.raw, theirs.data) and torch.equal(ours.labels, theirs.targets)
 
 
 def test_normalize_uses_the_mnist_mean_and_std():
@@ -56,8 +65,15 @@ def test_loader_shuffles_reproducibly_per_seed_and_epoch():
     next_epoch, _ = epoch_order(make_loader(seed=5), 2)
     other_seed, _ = epoch_order(make_loader(seed=6), 1)
     assert first == again
-    assert first != next_epoch and first != other_seed
+    assert first not in (next_epoch, other_seed)
     assert first != list(range(103))
+
+
+def test_loader_resumes_mid_epoch_with_the_remaining_batches():
+    loader = make_loader()
+    loader.set_epoch(3)
+    whole = [labels.tolist() for _, labels in loader]
+    assert [labels.tolist() for _, labels in loader.batches(first=4)] == whole[4:]
 
 
 def test_unshuffled_loader_keeps_file_order():
@@ -66,15 +82,20 @@ def test_unshuffled_loader_keeps_file_order():
                                                          list(range(20, 25))]
 
 
-def test_missing_data_says_where_and_how_to_fix(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "train_mnist.py"), "--data-dir", str(tmp_path / "nowhere"),
-         "--log-dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    message = lines[-1]
+def test_image_grid_tiles_like_make_grid():
+    images = torch.rand(10, 1, 5, 4)
+    grid = train_mnist.image_grid(images, columns=4, pad_value=0.5)
+    assert grid.shape == (1, 3 * 7 + 2, 4 * 6 + 2)
+    assert torch.equal(grid[:, 2:7, 2:6], images[0]) and torch.equal(grid[:, 9:14, 8:12], images[5])
+    assert torch.all(grid[:, :2] == 0.5) and torch.all(grid[:, 16:, 14:] == 0.5)  # padding, empty cells
+
+
+def test_missing_data_says_where_and_how_to_fix(tmp_path, capsys):
+    code = train_mnist.main(["--data-dir", str(tmp_path / "nowhere"), "--log-dir", str(tmp_path / "runs")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte", "--data-dir"):
@@ -85,5 +106,5 @@ def test_missing_data_says_where_and_how_to_fix(tmp_path):
 def test_corrupt_file_is_a_clear_error(tmp_path):
     data_dir = write_mnist(tmp_path)
     write_idx(data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros((2, 2), np.uint8))
-    with pytest.raises(train_mnist.UserError, match="train-labels-idx1-ubyte|MNIST"):
-        train_mnist.load_mnist(data_dir, train=True)
+    with pytest.raises(train_mnist.UserError, match="train-labels-idx1-ubyte is not an MNIST label file"):
+        train_mnist.load_split(data_dir, train=True, device=CPU)

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,20 +12,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import REPO, write_mnist
+from conftest import REPO, TORCHRUN, metrics_of, torchrun, write_mnist
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+pytestmark = pytest.mark.slow  # every test here starts torchrun, or uses a run it made
+
 COMMON = ["--lr", "0.05", "--num-embeddings", "0", "--device", "cpu", "--test-batch-size", "100"]
-
-
-def torchrun(*argv: str, weights_dir: Path | None = None,
-             timeout: float = 300) -> subprocess.CompletedProcess:
-    if weights_dir is None:
-        command = [*TORCHRUN, str(REPO / "train_mnist.py"), *argv]
-    else:
-        weights_dir.mkdir(parents=True, exist_ok=True)
-        command = [*TORCHRUN, str(REPO / "tests" / "ddp_worker.py"), str(weights_dir), *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -82,45 +72,42 @@ def test_matches_one_process_with_the_same_global_batch(ddp_run, data_dir, tmp_p
         torch.testing.assert_close(parallel_weights[key], single_weights[key], rtol=1e-3, atol=1e-4)
 
 
-def evaluated_accuracy(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stderr[-3000:]
-    (line,) = [line for line in result.stdout.splitlines() if line.startswith("Test accuracy:")]
-    return line
-
-
-def test_checkpoints_are_interchangeable(ddp_run, data_dir, tmp_path):
+def test_a_two_process_checkpoint_evaluates_alike_in_one_and_two_processes(ddp_run, capsys):
     run_dir, _ = ddp_run
-    reported = json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
-    single = subprocess.run([sys.executable, str(REPO / "train_mnist.py"), "--evaluate", str(run_dir),
-                             "--device", "cpu"], capture_output=True, text=True, timeout=120)
-    assert evaluated_accuracy(single) == f"Test accuracy: {reported:.4f}"
-    assert evaluated_accuracy(torchrun("--evaluate", str(run_dir), "--device", "cpu")) == (
-        f"Test accuracy: {reported:.4f}")
-
-    argv = [*COMMON, "--epochs", "1", "--data-dir", str(data_dir), "--log-dir", str(tmp_path),
-            "--run-name", "one"]
-    assert train_mnist.main(argv) == 0
-    # one process -> two
-    resumed = torchrun("--resume", str(tmp_path / "one"), "--epochs", "2", "--device", "cpu")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    last = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == 2 and last["world_size"] == 2
-    assert json.loads((tmp_path / "one" / "metrics.json").read_text())["epochs"] == 2
+    reported = f"Test accuracy: {metrics_of(run_dir)['test_accuracy']:.4f}"
+    capsys.readouterr()
+    assert train_mnist.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0  # two processes -> one
+    assert reported in capsys.readouterr().out.splitlines()
+    evaluated = torchrun("--evaluate", str(run_dir), "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert [line for line in evaluated.stdout.splitlines() if line.startswith("Test accuracy")] == [reported]
 
 
-def test_ctrl_c_stops_every_process_cleanly_and_the_run_resumes(tmp_path):
-    data_dir = write_mnist(tmp_path / "data", train_count=8000, test_count=200)
+def checkpoint_epoch(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except (FileNotFoundError, RuntimeError):
+        return 0
+
+
+def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes(tmp_path):
+    """One process -> two under torchrun; Ctrl-C stops every process at one step; two -> two."""
+    data_dir = write_mnist(tmp_path / "data", train_count=4000, test_count=200)
     run_dir = tmp_path / "runs" / "stopped"
-    argv = [*COMMON, "--epochs", "6", "--batch-size", "8", "--lr", "0.01", "--data-dir", str(data_dir),
+    argv = [*COMMON, "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--data-dir", str(data_dir),
             "--log-dir", str(tmp_path / "runs"), "--run-name", "stopped"]
+    assert train_mnist.main(argv) == 0  # epoch 1 in one process: 500 steps
+    assert metrics_of(run_dir)["epochs"] == 1
     # A terminal's Ctrl-C reaches every process of the foreground group: torchrun and its workers.
-    process = subprocess.Popen([*TORCHRUN, str(REPO / "train_mnist.py"), *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    command = [*TORCHRUN, str(REPO / "train_mnist.py"), "--resume", str(run_dir), "--epochs", "4",
+               "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (run_dir / "checkpoints" / "last.pt").exists():
+        while checkpoint_epoch(run_dir / "checkpoints" / "last.pt") < 2:  # epoch 2 done by two processes
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.02)
+            time.sleep(0.05)
         time.sleep(0.3)
         os.killpg(process.pid, signal.SIGINT)
         _, err = process.communicate(timeout=120)
@@ -132,7 +119,15 @@ def test_ctrl_c_stops_every_process_cleanly_and_the_run_resumes(tmp_path):
     # torchrun itself reports the signal with a traceback of its own; the workers show none
     assert 'train_mnist.py", line' not in err
     stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert stopped["epoch"] < 6 and not (run_dir / "metrics.json").exists()
+    assert stopped["world_size"] == 2 and 2 <= stopped["epoch"] < 4
+    assert not (run_dir / "metrics.json").exists()  # a run that trains on is not finished
+    # 250 steps an epoch in two processes, which agree to stop at a step where both check, every 50
+    assert stopped["progress"]["batch"] % 50 == 0
     resumed = torchrun("--resume", str(run_dir), "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 6
+    assert metrics_of(run_dir)["epochs"] == 4
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 4 and last["global_step"] == 4 * 250 and last["world_size"] == 2
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("training loss")] == [1, 2, 3, 4]

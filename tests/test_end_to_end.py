@@ -1,3 +1,4 @@
+import io
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
+from conftest import metrics_of, write_mnist
 
 SMALL_RUN = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
              "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5"]
@@ -31,7 +33,6 @@ def load_events(run_dir: Path) -> EventAccumulator:
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
-    from conftest import write_mnist
     root = tmp_path_factory.mktemp("e2e")
     return train_small(write_mnist(root / "data"), root / "runs")
 
@@ -51,7 +52,6 @@ def test_scalars_have_one_point_per_epoch_or_step(small_run):
 
 def test_image_grid_of_64_digits_in_unit_range(small_run):
     (image,) = load_events(small_run).Images("mnist_images")
-    import io
     grid = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
     assert (image.height, image.width) == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits, 2-pixel padding
     assert grid.max() == 255 and 0 < grid.mean() < 128  # digits, not saturated white
@@ -92,7 +92,7 @@ def test_projector_files_hold_features_labels_and_readable_sprite(small_run):
 
 def test_config_and_metrics_json(small_run):
     config = json.loads((small_run / "config.json").read_text())
-    metrics = json.loads((small_run / "metrics.json").read_text())
+    metrics = metrics_of(small_run)
     assert config["lr"] == 0.05 and config["batch_size"] == 64 and config["epochs"] == 2
     assert metrics["epochs"] == 2 and 0 <= metrics["test_accuracy"] <= 1
     assert metrics["test_loss"] > 0 and metrics["training_seconds"] > 0 and metrics["images_per_second"] > 0
@@ -111,12 +111,13 @@ def test_each_run_gets_a_fresh_directory(tmp_path, synthetic_data, capsys):
     assert "Test accuracy: " in out
 
 
+@pytest.mark.slow
 def test_real_mnist_one_epoch_reaches_97_percent(real_data_dir, tmp_path, capsys):
     code = train_mnist.main(["--epochs", "1", "--data-dir", str(real_data_dir), "--log-dir",
                              str(tmp_path), "--num-embeddings", "0", "--device", "cpu"])
     assert code == 0
     (run_dir,) = tmp_path.iterdir()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics_of(run_dir)
     assert metrics["test_accuracy"] >= 0.97
     assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
 
@@ -124,6 +125,7 @@ def test_real_mnist_one_epoch_reaches_97_percent(real_data_dir, tmp_path, capsys
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_on_each_available_device(tmp_path, synthetic_data, device):
     """CPU everywhere; CUDA too on a machine that has it (data, model and batches on the GPU)."""
@@ -132,4 +134,4 @@ def test_training_on_each_available_device(tmp_path, synthetic_data, device):
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "config.json").read_text())["device"] == device
-    assert json.loads((run_dir / "metrics.json").read_text())["test_accuracy"] > 0.9
+    assert metrics_of(run_dir)["test_accuracy"] > 0.9

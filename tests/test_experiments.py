@@ -6,8 +6,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +14,18 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import REPO, write_mnist
+from conftest import (
+    INTERRUPTIBLE,
+    STEPS_PER_EPOCH,
+    assert_same_weights,
+    metrics_of,
+    one_line_error,
+    start_script,
+    train_in_process,
+    wait_for,
+    weights,
+    write_mnist,
+)
 
 FAST = ["--batch-size", "32", "--lr", "0.05", "--test-batch-size", "50", "--num-embeddings", "0",
         "--device", "cpu"]
@@ -24,24 +33,11 @@ TIMING_KEYS = {"training_seconds", "images_per_second", "visualization_seconds"}
 
 
 def train_run(data_dir: Path, log_dir: Path, name: str, *extra: str) -> Path:
-    argv = [*FAST, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--run-name", name, *extra]
-    assert train_mnist.main(argv) == 0
-    return log_dir / name
-
-
-def weights(path: Path) -> dict:
-    return torch.load(path, weights_only=True)["model"]
-
-
-def assert_same_weights(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    for key in first:
-        assert torch.equal(first[key], second[key]), key
+    return train_in_process(data_dir, log_dir, name, *FAST, *extra)
 
 
 def metrics_without_timing(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {key: value for key, value in metrics.items() if key not in TIMING_KEYS}
+    return {key: value for key, value in metrics_of(run_dir).items() if key not in TIMING_KEYS}
 
 
 def test_same_seed_gives_bit_identical_weights_and_metrics(tmp_path, synthetic_data):
@@ -81,28 +77,29 @@ def test_checkpoints_hold_the_whole_state_and_load_weights_only(tmp_path, synthe
 
 def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
-    train_mnist.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    train_mnist.save_on_main({"model": {"w": torch.ones(3)}}, tmp_path, "last")
 
     def killed_before_rename(*args):
         raise KeyboardInterrupt  # stands for the process dying between write and rename
 
     monkeypatch.setattr(train_mnist.os, "replace", killed_before_rename)
     with pytest.raises(KeyboardInterrupt):
-        train_mnist.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+        train_mnist.save_on_main({"model": {"w": torch.zeros(3)}}, tmp_path, "last")
     assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
 
 
 def test_failed_checkpoint_write_is_reported_and_old_file_survives(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.pt"
-    train_mnist.save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    train_mnist.save_on_main({"model": {"w": torch.ones(3)}}, tmp_path, "last")
 
     def disk_full(obj, file):
         file.write(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(train_mnist.torch, "save", disk_full)
-    with pytest.raises(train_mnist.UserError, match="No space left on device.*previous checkpoint is kept"):
-        train_mnist.save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    kept = r"No space left on device; the previous file, if any, is kept"
+    with pytest.raises(train_mnist.UserError, match=kept):
+        train_mnist.save_on_main({"model": {"w": torch.zeros(3)}}, tmp_path, "last")
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
     assert os.listdir(path.parent) == ["last.pt"]  # no temporary file left behind
@@ -114,40 +111,38 @@ def scalar_steps(run_dir: Path, tag: str) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, signum):
-    data_dir = write_mnist(tmp_path / "data", train_count=4000, test_count=200)
-    args = ["--epochs", "6", "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
-            "--device", "cpu", "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")]
-    reference = train_run(data_dir, tmp_path / "runs", "reference", *args)
-
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "times"), [(signal.SIGINT, 5), (signal.SIGTERM, 1)],
+                         ids=["five Ctrl-C", "SIGTERM"])
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptible_data, uninterrupted_run,
+                                                            signum, times):
     run_dir = tmp_path / "runs" / "interrupted"
-    process = subprocess.Popen([sys.executable, str(REPO / "train_mnist.py"), *args, "--run-name",
-                                "interrupted"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_script(*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir",
+                           str(tmp_path / "runs"), "--run-name", "interrupted")
     try:
-        deadline = time.monotonic() + 120
-        while not (run_dir / "checkpoints" / "last.pt").exists():  # first epoch done: mid-training
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.02)
+        wait_for(run_dir / "checkpoints" / "last.pt", process)  # first epoch done: mid-training
         time.sleep(random.uniform(0.0, 0.5))
-        process.send_signal(signum)
-        out, err = process.communicate(timeout=120)
+        for _ in range(times):  # the first asks to stop; the others land while it saves
+            process.send_signal(signum)
+            time.sleep(0.005)
+        _, err = process.communicate(timeout=120)
     finally:
         process.kill()
     assert process.returncode == 128 + signum, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("Resume with:") == 1
     assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
     stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert 1 <= stopped_at["epoch"] < 6
+    assert 1 <= stopped_at["epoch"] < 3 and STEPS_PER_EPOCH <= stopped_at["global_step"] < 3 * STEPS_PER_EPOCH
     assert not (run_dir / "metrics.json").exists()
 
     assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
-    assert_same_weights(weights(reference / "checkpoints/last.pt"), weights(run_dir / "checkpoints/last.pt"))
-    resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(reference)
+    assert_same_weights(weights(uninterrupted_run / "checkpoints/last.pt"),
+                        weights(run_dir / "checkpoints/last.pt"))
+    resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(uninterrupted_run)
     assert resumed == pytest.approx(uninterrupted, rel=1e-6)  # same weights; a float32 ulp in the loss
-    steps = 6 * 500
-    assert scalar_steps(run_dir, "training loss/per step") == list(range(1, steps + 1))
-    assert scalar_steps(run_dir, "training loss") == [1, 2, 3, 4, 5, 6]
+    assert scalar_steps(run_dir, "training loss/per step") == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+    assert scalar_steps(run_dir, "training loss") == [1, 2, 3]
+    assert scalar_steps(run_dir, "learning rate") == scalar_steps(uninterrupted_run, "learning rate")
 
 
 def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
@@ -171,13 +166,8 @@ class RunsCodeWhenUnpickled:
         return (os.mkdir, (str(self.marker),))
 
 
-def run_script(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train_mnist.py"), *argv],
-                          capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize("flag", ["--evaluate", "--resume"])
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path, flag):
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, flag, capsys):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "evil.pt"
     with open(evil, "wb") as file:
@@ -185,38 +175,38 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, flag):
     torch_saved = tmp_path / "evil-torch.pt"
     torch.save({"model": RunsCodeWhenUnpickled(marker)}, torch_saved)
     for path in (evil, torch_saved):
-        result = run_script(flag, str(path))
-        assert result.returncode == 1
-        assert "cannot be loaded safely" in result.stderr or "not a checkpoint" in result.stderr
-        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert train_mnist.main([flag, str(path)]) == 1
+        assert "cannot be loaded safely" in one_line_error(capsys)
         assert not marker.exists()
 
 
-def test_unusable_checkpoints_are_clear_errors(tmp_path):
+def fake_checkpoint(model: dict) -> dict:
+    return {"model": model, "optimizer": {}, "scheduler": {}, "epoch": 1, "global_step": 1, "progress": {},
+            "rng": {}, "config": {}}
+
+
+def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(1000))
     tensor_only = tmp_path / "tensor.pt"
     torch.save(torch.ones(3), tensor_only)
     other_net = tmp_path / "other.pt"
-    wrong = {key: torch.zeros(1) for key in train_mnist.MNISTNet().state_dict()}
-    torch.save({"model": wrong, "optimizer": {}, "scheduler": {}, "epoch": 1, "global_step": 1,
-                "progress": {}, "rng": {}, "config": {}}, other_net)
+    wrong_shapes = {key: torch.zeros(1) for key in train_mnist.MNISTNet().state_dict()}
+    torch.save(fake_checkpoint(wrong_shapes), other_net)
     cases = [(garbage, "cannot be loaded safely"), (tensor_only, "not a train_mnist.py checkpoint"),
              (tmp_path / "missing.pt", "no checkpoint at"), (other_net, "different network")]
+    data_flags = ["--data-dir", str(write_mnist(tmp_path / "d")), "--log-dir", str(tmp_path / "runs"),
+                  "--device", "cpu"]
     (tmp_path / "checkpoints").mkdir()
     weights_only = tmp_path / "checkpoints" / "weights-only.pt"  # the right network, no training state
-    torch.save({"model": train_mnist.MNISTNet().state_dict(), "optimizer": {}, "scheduler": {}, "epoch": 1,
-                "global_step": 1, "progress": {}, "rng": {}, "config": {}}, weights_only)
-    result = run_script("--resume", str(weights_only), "--data-dir", str(write_mnist(tmp_path / "d")),
-                        "--log-dir", str(tmp_path / "runs"), "--device", "cpu")
-    assert result.returncode == 1 and "cannot be resumed" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    torch.save(fake_checkpoint(train_mnist.MNISTNet().state_dict()), weights_only)
+    assert train_mnist.main(["--resume", str(weights_only), *data_flags]) == 1
+    assert "cannot be resumed" in one_line_error(capsys)
     for path, message in cases:
         for flag in ("--evaluate", "--resume"):
-            result = run_script(flag, str(path), "--data-dir", str(write_mnist(tmp_path / "d")),
-                                "--log-dir", str(tmp_path / "runs"), "--device", "cpu")
-            assert result.returncode == 1, (path, flag, result.stderr)
-            assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+            assert train_mnist.main([flag, str(path), *data_flags]) == 1, (path, flag)
+            assert message in one_line_error(capsys), (path, flag)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data, capsys):
@@ -233,7 +223,8 @@ def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data,
         events.Reload()
         assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     (table,) = (tmp_path / "runs").glob("sweep-*.csv")
-    rows = list(csv.DictReader(open(table)))
+    with open(table) as file:
+        rows = list(csv.DictReader(file))
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
     accuracies = [float(row["test_accuracy"]) for row in rows]
     assert accuracies == sorted(accuracies, reverse=True)
@@ -245,7 +236,8 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data
             "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 0
     (table,) = (tmp_path / "runs").glob("sweep-*.csv")
-    rows = list(csv.DictReader(open(table)))
+    with open(table) as file:
+        rows = list(csv.DictReader(file))
     assert [row["lr"] for row in rows] == ["0.05", "1000000.0"]
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
 

@@ -1,11 +1,12 @@
 """Bad input, corrupt data, divergence, signals, failing disks, name collisions, and a soak."""
 
-import json
+import collections
+import os
 import random
+import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,23 +16,20 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import REPO, write_idx, write_mnist
+from conftest import (
+    INTERRUPTIBLE,
+    STEPS_PER_EPOCH,
+    assert_same_weights,
+    metrics_of,
+    one_line_error,
+    run_script,
+    start_script,
+    weights,
+    write_idx,
+    write_mnist,
+)
 
 SMALL = ["--epochs", "2", "--num-embeddings", "0", "--device", "cpu"]
-
-
-def script(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "train_mnist.py"), *argv], capture_output=True,
-                          text=True, timeout=300, cwd=cwd)
-
-
-def one_line_error(capsys) -> str:
-    """The one error line (progress bars may precede it on stderr); never a traceback."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # --- Flags -------------------------------------------------------------------------------
@@ -40,7 +38,7 @@ def one_line_error(capsys) -> str:
     ["--lr", "0.1", "nan"], ["--batch-size", "64", "0"], ["--momentum", "0.5", "1.5"],
     ["--epochs", "1", "-3"], ["--seed", "-1"], ["--weight-decay", "-1"], ["--weight-decay", "inf"],
     ["--lr-decay", "nan"], ["--test-batch-size", "1e3"],
-], ids=lambda flags: " ".join(flags))
+], ids=" ".join)
 def test_every_value_of_every_numeric_flag_is_checked(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_mnist.parse_args(flags)
@@ -81,12 +79,14 @@ def test_damaged_data_is_one_clear_line(tmp_path, how, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_damaged_data_in_a_real_process_exits_1_without_traceback(tmp_path):
     data_dir = write_mnist(tmp_path / "data")
     corrupt(data_dir / "MNIST" / "raw", "truncated")
-    result = script(*SMALL, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs"))
+    result = run_script(*SMALL, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "truncated" in result.stderr
+    assert result.stderr.startswith("error: ") and "truncated" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_verify_data_accepts_the_real_mnist_and_names_a_changed_file(tmp_path, real_data_dir, capsys):
@@ -106,34 +106,33 @@ def test_verify_data_accepts_the_real_mnist_and_names_a_changed_file(tmp_path, r
 
 # --- Divergence --------------------------------------------------------------------------
 
-def test_divergence_stops_with_advice_and_leaves_no_finished_run(tmp_path, synthetic_data, capsys):
+def test_divergence_stops_within_the_epoch_with_advice_and_no_checkpoint(tmp_path, synthetic_data, capsys):
     log_dir = tmp_path / "runs"
-    code = train_mnist.main([*SMALL, "--lr", "1e6", "--data-dir", str(synthetic_data), "--log-dir",
-                             str(log_dir), "--run-name", "boom"])
+    # 320 digits in batches of 4: 80 steps an epoch, so the check every 50 steps stops it midway
+    code = train_mnist.main([*SMALL, "--lr", "1e6", "--batch-size", "4", "--data-dir", str(synthetic_data),
+                             "--log-dir", str(log_dir), "--run-name", "boom"])
     assert code == 1
     message = one_line_error(capsys)
-    assert "diverged" in message and "smaller --lr" in message and "1e+06" in message
+    assert "diverged in epoch 1" in message and "smaller --lr" in message and "1e+06" in message
     run_dir = log_dir / "boom"
     assert not (run_dir / "metrics.json").exists()
-    best = run_dir / "checkpoints" / "best.pt"
-    if best.exists():
-        assert all(t.isfinite().all() for t in torch.load(best, weights_only=True)["model"].values())
-    events = EventAccumulator(str(run_dir))
+    assert not (run_dir / "checkpoints").exists()  # nothing non-finite was ever saved
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    assert events.Scalars("training loss/per step")  # the logs so far were flushed
+    assert len(events.Scalars("training loss/per step")) == 50  # the logs so far were flushed
 
 
 def test_best_checkpoint_is_never_saved_with_non_finite_weights(
         tmp_path, synthetic_data, monkeypatch, capsys):
-    real_epoch = train_mnist.train_epoch
+    real_epoch = train_mnist.train
 
-    def poisoned_epoch(net, *args, **kwargs):
-        result = real_epoch(net, *args, **kwargs)
+    def poisoned_epoch(model, *args, **kwargs):
+        result = real_epoch(model, *args, **kwargs)
         with torch.no_grad():
-            net.fc3.weight[0, 0] = float("nan")  # weights blow up while the loss still looked fine
+            model.fc3.weight[0, 0] = float("nan")  # weights blow up while the loss still looked fine
         return result
 
-    monkeypatch.setattr(train_mnist, "train_epoch", poisoned_epoch)
+    monkeypatch.setattr(train_mnist, "train", poisoned_epoch)
     code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
                              "--run-name", "nan"])
     assert code == 1 and "diverged in epoch 1" in one_line_error(capsys)
@@ -141,44 +140,6 @@ def test_best_checkpoint_is_never_saved_with_non_finite_weights(
 
 
 # --- Signals -----------------------------------------------------------------------------
-
-def start_training(tmp_path: Path, name: str, epochs: int = 6) -> tuple[subprocess.Popen, Path, list[str]]:
-    data_dir = tmp_path / "data"
-    if not data_dir.exists():
-        write_mnist(data_dir, train_count=4000, test_count=200)
-    argv = ["--epochs", str(epochs), "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
-            "--device", "cpu", "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")]
-    process = subprocess.Popen([sys.executable, str(REPO / "train_mnist.py"), *argv, "--run-name", name],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return process, tmp_path / "runs" / name, argv
-
-
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-
-
-def test_second_ctrl_c_while_saving_does_not_corrupt_the_checkpoint(tmp_path):
-    process, run_dir, argv = start_training(tmp_path, "twice")
-    try:
-        wait_for(run_dir / "checkpoints" / "last.pt", process)
-        time.sleep(0.2)
-        for _ in range(5):  # the first asks to stop; the others land while it saves
-            process.send_signal(signal.SIGINT)
-            time.sleep(0.005)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 130, err
-    assert "Traceback" not in err
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert checkpoint["global_step"] >= 500
-    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--device", "cpu"]) == 0
-    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
-
 
 # --- Disk --------------------------------------------------------------------------------
 
@@ -193,14 +154,12 @@ def test_unusable_log_dir_is_reported_before_training(tmp_path, synthetic_data, 
 
 
 def test_unwritable_run_folder_is_reported_before_training(tmp_path, synthetic_data, monkeypatch, capsys):
-    real_write_text = Path.write_text
-
     def read_only(path, *args, **kwargs):  # the tests run as root, where permission bits don't bite
-        if path.name.startswith(".config.json"):
+        if Path(path).name.startswith(".config.json"):
             raise PermissionError(13, "Permission denied")
-        return real_write_text(path, *args, **kwargs)
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(train_mnist, "open", read_only, raising=False)
     code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
                              "--run-name", "ro"])
     assert code == 1
@@ -228,7 +187,7 @@ def test_failing_checkpoint_write_is_reported_and_the_previous_one_survives(
     monkeypatch.undo()
     assert code == 1
     message = one_line_error(capsys)
-    assert "No space left on device" in message and "previous checkpoint is kept" in message
+    assert "last.pt: No space left on device; the previous file, if any, is kept" in message
     last = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert not (tmp_path / "full" / "metrics.json").exists()
@@ -237,36 +196,39 @@ def test_failing_checkpoint_write_is_reported_and_the_previous_one_survives(
 
 # --- Collisions --------------------------------------------------------------------------
 
-def test_runs_started_together_with_the_same_arguments_get_their_own_folders(tmp_path, synthetic_data):
-    argv = [*SMALL, "--epochs", "1", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
-    processes = [subprocess.Popen([sys.executable, str(REPO / "train_mnist.py"), *argv],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
-    for process in processes:
-        process.communicate(timeout=300)
-        assert process.returncode == 0
-    run_dirs = sorted((tmp_path / "runs").iterdir())
-    assert len(run_dirs) == 3
-    for run_dir in run_dirs:
-        assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
+def test_a_taken_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
+    args, _ = train_mnist.parse_args(["--epochs", "1", "--log-dir", str(tmp_path), "--device", "cpu"])
+    (run_args,) = train_mnist.expand_sweep(args)
+    made = [train_mnist.make_run_dir(run_args) for _ in range(3)]  # within one second: the same stamp
+    stamp = made[0].name.split("_")[0]
+    if any(not path.name.startswith(stamp) for path in made):  # the clock passed a second: once more
+        made = [train_mnist.make_run_dir(run_args) for _ in range(3)]
+    base = made[0].name
+    assert [path.name for path in made] == [base, f"{base}_2", f"{base}_3"]
+    assert all(path.is_dir() for path in made)
 
 
 def test_run_name_of_an_existing_run_is_refused_unless_resumed(tmp_path, synthetic_data, capsys):
-    argv = [*SMALL, "--epochs", "1", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
+    log_dir = tmp_path / "runs"
+    argv = [*SMALL, "--epochs", "1", "--data-dir", str(synthetic_data), "--log-dir", str(log_dir),
             "--run-name", "taken"]
     assert train_mnist.main(argv) == 0
     capsys.readouterr()
     assert train_mnist.main(argv) == 1
     assert "already exists" in one_line_error(capsys)
-    assert train_mnist.main(["--resume", str(tmp_path / "taken"), "--epochs", "2", "--device", "cpu"]) == 0
+    assert os.listdir(log_dir) == ["taken"]  # no second folder was made
+    assert train_mnist.main(["--resume", str(log_dir / "taken"), "--epochs", "2", "--device", "cpu"]) == 0
+    assert metrics_of(log_dir / "taken")["epochs"] == 2
 
 
 # --- Soak --------------------------------------------------------------------------------
 
-def check_complete(run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs"] == epochs and 0 <= metrics["test_accuracy"] <= 1
+def check_complete(run_dir: Path, uninterrupted_run: Path) -> None:
+    epochs, steps_per_epoch = 3, STEPS_PER_EPOCH
+    assert metrics_of(run_dir)["epochs"] == epochs
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == epochs and last["global_step"] == epochs * steps_per_epoch
+    assert_same_weights(last["model"], weights(uninterrupted_run / "checkpoints" / "last.pt"))
     torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
@@ -276,31 +238,50 @@ def check_complete(run_dir: Path, epochs: int, steps_per_epoch: int) -> None:
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 
 
-def test_soak_sequential_concurrent_interrupted_and_resumed_runs(tmp_path):
+def run_dir_of(process: subprocess.Popen, log_dir: Path) -> tuple[Path, str]:
+    """Wait for a started run to end; return its folder (from its first line) and its stderr."""
+    out, err = process.communicate(timeout=300)
+    assert process.returncode in (0, 130, 143), err
+    assert "Traceback" not in err
+    (line,) = [line for line in out.splitlines() if line.startswith("Training on")]
+    run_dir = Path(line.rsplit("logging to ", 1)[1])
+    assert run_dir.parent == log_dir
+    return run_dir, err
+
+
+@pytest.mark.slow
+def test_soak_sequential_concurrent_interrupted_and_resumed_runs(tmp_path, interruptible_data,
+                                                                 uninterrupted_run):
+    """One run, then three started together with the same flags, each maybe interrupted at a
+    random moment and resumed: every run ends complete, in its own folder, with the weights of
+    the same run left alone."""
     rng = random.Random(1234)
-    epochs, steps_per_epoch = 3, 500
+    log_dir = tmp_path / "runs"
+    argv = [*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir", str(log_dir)]
     finished = []
-    for round_ in range(2):  # one after another, then two at the same time, some interrupted
-        names = [f"r{round_}-a"] if round_ == 0 else [f"r{round_}-a", f"r{round_}-b"]
-        started = [start_training(tmp_path, name, epochs) for name in names]
-        for process, run_dir, _ in started:
+    for count in (1, 3):
+        processes = [start_script(*argv) for _ in range(count)]
+        deadline = time.monotonic() + 120
+        while len(list(log_dir.glob("*/config.json"))) < len(finished) + count:  # all have started
+            assert all(process.poll() is None for process in processes) and time.monotonic() < deadline
+            time.sleep(0.01)
+        for process in processes:
             if rng.random() < 0.7:
-                wait_for(run_dir / "config.json", process)
-                time.sleep(rng.uniform(0.5, 2.5))
+                time.sleep(rng.uniform(0.2, 1.5))
                 if process.poll() is None:
                     process.send_signal(rng.choice([signal.SIGINT, signal.SIGTERM]))
-        for process, run_dir, argv in started:
-            _, err = process.communicate(timeout=300)
-            assert process.returncode in (0, 130, 143), err
-            assert "Traceback" not in err
+        for process in processes:
+            run_dir, err = run_dir_of(process, log_dir)
             if process.returncode != 0:
                 assert not (run_dir / "metrics.json").exists()
-                if (run_dir / "checkpoints" / "last.pt").exists():
-                    resumed = script("--resume", str(run_dir), "--device", "cpu")
-                else:  # stopped before its first step: nothing to resume, start it again
-                    shutil.rmtree(run_dir)
-                    resumed = script(*argv, "--run-name", run_dir.name)
-                assert resumed.returncode == 0, resumed.stderr
+                assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
+                assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
             finished.append(run_dir)
+    assert len(set(finished)) == 4
+    suffixes = collections.defaultdict(list)  # runs that started in the same second share a base name
     for run_dir in finished:
-        check_complete(run_dir, epochs, steps_per_epoch)
+        base, suffix = re.fullmatch(r"(.*_mom0\.9)(?:_(\d+))?", run_dir.name).groups()
+        suffixes[base].append(int(suffix or 1))
+    assert all(sorted(numbers) == list(range(1, len(numbers) + 1)) for numbers in suffixes.values())
+    for run_dir in finished:
+        check_complete(run_dir, uninterrupted_run)

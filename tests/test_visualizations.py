@@ -118,6 +118,7 @@ def fetch(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_a_real_tensorboard_serves_everything(run_dir):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
