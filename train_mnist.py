@@ -83,51 +83,47 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a small CNN on MNIST and log the training to TensorBoard. Several values "
                     "for --lr, --batch_size, --momentum or --epochs run a sweep over their grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    add = parser.add_argument_group("training").add_argument
+    add("--epochs", type=positive_int, nargs="+", default=[10], metavar="N",
+        help="passes over the training set")
+    add("--lr", type=positive_float, nargs="+", default=[0.02], metavar="LR",
+        help="peak learning rate of SGD")
+    add("--batch_size", "--batch-size", type=positive_int, nargs="+", default=[64], metavar="N",
+        help="training images per step")
+    add("--momentum", type=momentum_float, nargs="+", default=[0.9], metavar="M", help="SGD momentum")
+    add("--weight_decay", "--weight-decay", type=non_negative_float, default=5e-4, metavar="WD",
+        help="SGD weight decay (L2 penalty)")
+    add("--lr_decay", "--lr-decay", type=unit_fraction, default=0.2, metavar="FRACTION",
+        help="final fraction of the steps over which the learning rate falls linearly from --lr to 0 "
+             "(0: constant)")
+    add("--seed", type=non_negative_int, default=1, metavar="N",
+        help="seed of the weights and of the batch order")
+    add("--deterministic", action="store_true",
+        help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
+    add("--device", type=available_device, default="auto", metavar="{auto,cpu,cuda,mps}",
+        help="where to train; auto takes CUDA if available, else MPS, else the CPU")
+    add("--test_batch_size", "--test-batch-size", type=positive_int, default=1000, metavar="N",
+        help="images per evaluation batch")
 
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=positive_int, nargs="+", default=[10], metavar="N",
-                          help="passes over the training set")
-    training.add_argument("--lr", type=positive_float, nargs="+", default=[0.02], metavar="LR",
-                          help="peak learning rate of SGD")
-    training.add_argument("--batch_size", "--batch-size", type=positive_int, nargs="+", default=[64],
-                          metavar="N", help="training images per step")
-    training.add_argument("--momentum", type=momentum_float, nargs="+", default=[0.9], metavar="M",
-                          help="SGD momentum")
-    training.add_argument("--weight_decay", "--weight-decay", type=non_negative_float, default=5e-4,
-                          metavar="WD", help="SGD weight decay (L2 penalty)")
-    training.add_argument("--lr_decay", "--lr-decay", type=unit_fraction, default=0.2, metavar="FRACTION",
-                          help="final fraction of the steps over which the learning rate falls "
-                               "linearly from --lr to 0 (0: constant)")
-    training.add_argument("--seed", type=non_negative_int, default=1, metavar="N",
-                          help="seed of the weights and of the batch order")
-    training.add_argument("--deterministic", action="store_true",
-                          help="use only deterministic algorithms (bit-reproducible on one GPU too, "
-                               "a little slower)")
-    training.add_argument("--device", type=available_device, default="auto", metavar="{auto,cpu,cuda,mps}",
-                          help="where to train; auto takes CUDA if available, else MPS, else the CPU")
-    training.add_argument("--test_batch_size", "--test-batch-size", type=positive_int, default=1000,
-                          metavar="N", help="images per evaluation batch")
+    add = parser.add_argument_group("data").add_argument
+    add("--data_dir", "--data-dir", type=Path, default=Path("data"), metavar="DIR",
+        help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if absent")
+    add("--verify_data", "--verify-data", action="store_true",
+        help="check the MNIST files against the published checksums before using them")
 
-    data = parser.add_argument_group("data")
-    data.add_argument("--data_dir", "--data-dir", type=Path, default=Path("data"), metavar="DIR",
-                      help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if absent")
-    data.add_argument("--verify_data", "--verify-data", action="store_true",
-                      help="check the MNIST files against the published checksums before using them")
+    add = parser.add_argument_group("logging").add_argument
+    add("--log_dir", "--log-dir", type=Path, default=Path("runs"), metavar="DIR",
+        help="TensorBoard folder; each run gets its own sub-folder")
+    add("--run_name", "--run-name", default=None, metavar="NAME",
+        help="name of this run's folder (default: time stamp and key hyper-parameters)")
+    add("--num_embeddings", "--num-embeddings", type=non_negative_int, default=256, metavar="N",
+        help="training and test digits shown in the projector (0: none)")
 
-    logging = parser.add_argument_group("logging")
-    logging.add_argument("--log_dir", "--log-dir", type=Path, default=Path("runs"), metavar="DIR",
-                         help="TensorBoard folder; each run gets its own sub-folder")
-    logging.add_argument("--run_name", "--run-name", default=None, metavar="NAME",
-                         help="name of this run's folder (default: time stamp and key hyper-parameters)")
-    logging.add_argument("--num_embeddings", "--num-embeddings", type=non_negative_int, default=256,
-                         metavar="N", help="training and test digits shown in the projector (0: none)")
-
-    experiments = parser.add_argument_group("experiments")
-    experiments.add_argument("--resume", type=Path, default=None, metavar="PATH",
-                             help="continue the run of this checkpoint (or run folder) up to --epochs")
-    experiments.add_argument("--evaluate", type=Path, default=None, metavar="PATH",
-                             help="only test this checkpoint (or a run folder's last.pt) and print "
-                                  "its accuracy")
+    add = parser.add_argument_group("experiments").add_argument
+    add("--resume", type=Path, default=None, metavar="PATH",
+        help="continue the run of this checkpoint (or run folder) up to --epochs")
+    add("--evaluate", type=Path, default=None, metavar="PATH",
+        help="only test this checkpoint (or a run folder's last.pt) and print its accuracy")
     return parser
 
 
@@ -177,16 +173,12 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceLoader:
-    """Mini-batches drawn from tensors that already live on the device.
+    """Mini-batches drawn from tensors that already live on the device: no workers, no per-sample
+    transforms, a batch is one index. A shuffled epoch's order is seeded by (seed, epoch) alone,
+    so any epoch can be replayed exactly; the last partial batch is kept.
 
-    No workers and no per-sample transforms: a batch is one index into two tensors. With
-    shuffle, each epoch's order is a permutation seeded by (seed, epoch) alone, so any epoch
-    can be replayed exactly. The last partial batch is kept.
-
-    Under torchrun each of the `world_size` processes takes every world_size-th sample of that
-    order, starting at its `rank`: together they see every sample once per epoch. A shuffled
-    order is first padded with its own first few samples to a multiple of world_size, so that
-    every process takes the same number of steps (as torch's DistributedSampler does).
+    Under torchrun process `rank` takes every `world_size`-th sample of that order (padded, as
+    DistributedSampler does, so that every process takes the same number of steps).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
@@ -277,11 +269,6 @@ class Evaluation:
     @property
     def predictions(self) -> torch.Tensor:
         return self.logits.argmax(dim=1)
-
-    def class_accuracy(self) -> list[float]:
-        """Accuracy on the test digits of each class, 0 to 9."""
-        hits = torch.bincount(self.labels[self.predictions == self.labels], minlength=10)
-        return (hits / torch.bincount(self.labels, minlength=10).clamp(min=1)).tolist()
 
 
 @torch.no_grad()
@@ -472,7 +459,7 @@ def log_epoch_details(writer: SummaryWriter, net: MNISTNet, evaluation: Evaluati
         writer.add_histogram(f"weights/{name}", parameter.detach(), epoch)
         if parameter.grad is not None:  # the gradient of the epoch's last step
             writer.add_histogram(f"gradients/{name}", parameter.grad, epoch)
-    for digit, accuracy in enumerate(evaluation.class_accuracy()):
+    for digit, accuracy in enumerate(class_accuracy(evaluation.labels, evaluation.predictions)):
         writer.add_scalar(f"test accuracy per digit/{digit}", accuracy, epoch)
     filters = net.conv1.weight.detach().cpu()  # (8, 1, 5, 5)
     low = filters.amin(dim=(1, 2, 3), keepdim=True)
@@ -504,6 +491,12 @@ def log_test_figures(writer: SummaryWriter, evaluation: Evaluation, raw_images: 
     probabilities = F.softmax(evaluation.logits, dim=1).cpu()
     for digit in range(10):
         writer.add_pr_curve(f"pr curve/{digit}", (labels == digit).cpu(), probabilities[:, digit], epoch)
+
+
+def class_accuracy(labels: torch.Tensor, predictions: torch.Tensor) -> list[float]:
+    """Accuracy on the test digits of each class, 0 to 9."""
+    hits = torch.bincount(labels[predictions == labels], minlength=10)
+    return (hits / torch.bincount(labels, minlength=10).clamp(min=1)).tolist()
 
 
 def confusion_counts(labels: torch.Tensor, predictions: torch.Tensor) -> torch.Tensor:
