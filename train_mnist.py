@@ -18,7 +18,9 @@ import csv
 import dataclasses
 import datetime
 import gc
+import gzip
 import hashlib
+import http.client
 import itertools
 import json
 import math
@@ -28,7 +30,9 @@ import signal
 import struct
 import sys
 import time
+import urllib.request
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -56,6 +60,7 @@ MNIST_MD5 = {  # the published checksums of the four uncompressed files
     "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
 }
 MNIST_FILES = tuple(MNIST_MD5)
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of these run a grid
 HPARAMS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "deterministic")  # the HPARAMS columns
 # Flags a resumed run takes from its checkpoint unless they are given again.
@@ -158,11 +163,12 @@ class Split(NamedTuple):
 
 
 def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool = False) -> Split:
-    """The training or the test split, downloaded first if its two files are absent."""
+    """The training or the test split, its two files downloaded first if they are absent."""
     raw_dir = data_dir / "MNIST" / "raw"
     images_file, labels_file = (raw_dir / name for name in (MNIST_FILES[:2] if train else MNIST_FILES[2:]))
-    if not (images_file.exists() and labels_file.exists()):
-        download_mnist(data_dir)
+    missing = [path for path in (images_file, labels_file) if not path.exists()]
+    if missing:
+        download_mnist(missing)
     raw_images, labels = read_mnist(images_file, labels_file, verify)  # a damaged file is one clear line
     return Split(raw_images, normalize(raw_images.to(device)), labels.long().to(device))
 
@@ -745,12 +751,12 @@ def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
     }
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def atomic_write(path: Path, write: Callable[[BinaryIO], object], elsewhere: str = "--log-dir") -> None:
     """Write a file that no reader and no crash sees half-written: a temporary file, flushed to
     disk, then renamed over the old one. A failure is one UserError, and the old file stays."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as file:
             write(file)
             file.flush()
@@ -759,7 +765,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {error.strerror}; the previous file, if any, is kept. "
-                        "Free some disk space or pick another --log-dir") from None
+                        f"Free some disk space or pick another {elsewhere}") from None
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -1033,17 +1039,32 @@ def available_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def download_mnist(data_dir: Path) -> None:
-    """Fetch MNIST with torchvision, or explain where the files should go."""
-    import torchvision  # noqa: PLC0415 (here alone: importing it costs more than a second at every start)
+def download_mnist(files: list[Path]) -> None:
+    """Fetch these MNIST files, gzipped, from the first mirror that has them whole (their checksums
+    are the published ones); or say where to put them by hand."""
+    for path in files:
+        report(f"Downloading {path.name} into {path.parent}")
+        content = fetch_from_mirrors(path.name)
+        if content is None:
+            raise UserError(
+                f"MNIST not found in {path.parent} and the download failed. Put the four files "
+                f"{', '.join(MNIST_FILES)} (uncompressed) there, or point --data-dir at the folder that "
+                "holds MNIST/raw/.")
+        atomic_write(path, lambda file, content=content: file.write(content), elsewhere="--data-dir")
 
-    try:
-        torchvision.datasets.MNIST(data_dir, download=True)
-    except (RuntimeError, OSError):
-        raise UserError(
-            f"MNIST not found in {data_dir / 'MNIST' / 'raw'} and the download failed. Put the four "
-            f"files {', '.join(MNIST_FILES)} (uncompressed) there, or point --data-dir at the "
-            "folder that holds MNIST/raw/.") from None
+
+def fetch_from_mirrors(name: str) -> bytes | None:
+    """The file `name` as published, from the first mirror that serves it whole; None if none does."""
+    for mirror in MNIST_MIRRORS:
+        request = urllib.request.Request(f"{mirror}{name}.gz", headers={"User-Agent": "train_mnist.py"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                content = gzip.decompress(response.read())
+        except (OSError, EOFError, zlib.error, http.client.HTTPException):  # unreachable, refused, cut off
+            continue
+        if hashlib.md5(content).hexdigest() == MNIST_MD5[name]:
+            return content
+    return None
 
 
 def read_mnist(images_file: Path, labels_file: Path, verify: bool) -> tuple[torch.Tensor, torch.Tensor]:

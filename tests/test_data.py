@@ -1,7 +1,13 @@
+import functools
+import gzip
+import hashlib
+import http.server
+import socket
+import threading
+
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 import train_mnist
 from conftest import synthetic_digits, write_idx, write_mnist
@@ -22,11 +28,17 @@ def test_load_split_reads_real_idx_bytes(tmp_path):
     assert test_set.raw.shape == (7, 28, 28) and test_set.images.shape == (7, 1, 28, 28)
 
 
-def test_the_real_files_read_as_torchvision_reads_them(real_data_dir):
-    for train in (True, False):
-        ours = train_mnist.load_split(real_data_dir, train=train, device=CPU)
-        theirs = torchvision.datasets.MNIST(real_data_dir, train=train)
-        assert torch.equal(ours.raw, theirs.data) and torch.equal(ours.labels, theirs.targets)
+def test_the_real_files_read_as_published(real_data_dir):
+    """The first labels, the class counts and the pixel sums of the published MNIST."""
+    train_set = train_mnist.load_split(real_data_dir, train=True, device=CPU)
+    test_set = train_mnist.load_split(real_data_dir, train=False, device=CPU)
+    assert train_set.raw.shape == (60_000, 28, 28) and test_set.raw.shape == (10_000, 28, 28)
+    assert train_set.labels[:5].tolist() == [5, 0, 4, 1, 9]
+    assert test_set.labels[:5].tolist() == [7, 2, 1, 0, 4]
+    assert torch.bincount(train_set.labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
+                                                         5949]
+    assert torch.bincount(test_set.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert int(train_set.raw.long().sum()) == 1_567_298_545 and int(test_set.raw.long().sum()) == 264_923_200
 
 
 def test_normalize_uses_the_mnist_mean_and_std():
@@ -90,17 +102,64 @@ def test_image_grid_tiles_like_make_grid():
     assert torch.all(grid[:, :2] == 0.5) and torch.all(grid[:, 16:, 14:] == 0.5)  # padding, empty cells
 
 
-def test_missing_data_says_where_and_how_to_fix(tmp_path, capsys):
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_missing_data_says_where_and_how_to_fix(tmp_path, capsys, monkeypatch):
+    # A mirror on a loopback port that nothing listens on: the download fails at once, offline or not.
+    monkeypatch.setattr(train_mnist, "MNIST_MIRRORS", (f"http://127.0.0.1:{unused_port()}/",))
     code = train_mnist.main(["--data-dir", str(tmp_path / "nowhere"), "--log-dir", str(tmp_path / "runs")])
     assert code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     message = err.strip().splitlines()[-1]
-    assert str(tmp_path / "nowhere" / "MNIST" / "raw") in message
+    assert message.startswith("error: MNIST not found in " + str(tmp_path / "nowhere" / "MNIST" / "raw"))
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                  "t10k-labels-idx1-ubyte", "--data-dir"):
         assert name in message
     assert not (tmp_path / "runs").exists()
+
+
+class Mirror(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+
+def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(tmp_path, monkeypatch):
+    """Mirrors served on loopback: one lacks the files, one serves a damaged copy, one is right."""
+    published = write_mnist(tmp_path / "published") / "MNIST" / "raw"
+    for folder in ("good", "damaged"):
+        (tmp_path / "site" / folder).mkdir(parents=True)
+        for name in train_mnist.MNIST_FILES:
+            content = (published / name).read_bytes()
+            if folder == "damaged":
+                content = content[:-1] + bytes([content[-1] ^ 1])
+            (tmp_path / "site" / folder / f"{name}.gz").write_bytes(gzip.compress(content))
+    checksums = {name: hashlib.md5((published / name).read_bytes()).hexdigest()
+                 for name in train_mnist.MNIST_FILES}
+    monkeypatch.setattr(train_mnist, "MNIST_MD5", checksums)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Mirror, directory=str(tmp_path / "site")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    mirrors = (f"{base}/missing/", f"{base}/damaged/", f"{base}/good/")
+    monkeypatch.setattr(train_mnist, "MNIST_MIRRORS", mirrors)
+    try:
+        test_set = train_mnist.load_split(tmp_path / "data", train=False, device=CPU)  # only t10k is fetched
+        raw = tmp_path / "data" / "MNIST" / "raw"
+        assert sorted(path.name for path in raw.iterdir()) == ["t10k-images-idx3-ubyte",
+                                                               "t10k-labels-idx1-ubyte"]
+        assert test_set.raw.shape == (100, 28, 28)
+        assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--data-dir",
+                                 str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    for name in train_mnist.MNIST_FILES:
+        assert (raw / name).read_bytes() == (published / name).read_bytes()
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):
