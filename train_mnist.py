@@ -980,7 +980,7 @@ def report(message: str, every_node: bool = False) -> None:
         print(message if MAIN_PROCESS else f"[rank {RANK}] {message}", file=sys.stderr)
 
 
-# --- Checks and errors: a user's mistake ends in one clear line --------------------------
+# --- Data files and errors: a download, checks, and a mistake told in one clear line ------
 
 REFETCH = "delete the MNIST files and run again to download fresh copies, or fix --data-dir"
 
