@@ -53,14 +53,8 @@ import matplotlib.pyplot as plt
 from models import MNISTNet
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1]
-MNIST_MD5 = {  # the published checksums of the four uncompressed files
-    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
-    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
-    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
-    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
-}
-MNIST_FILES = tuple(MNIST_MD5)
-MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+               "t10k-labels-idx1-ubyte")  # in torchvision's layout: <--data_dir>/MNIST/raw/<name>
 SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of these run a grid
 HPARAMS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "deterministic")  # the HPARAMS columns
 # Flags a resumed run takes from its checkpoint unless they are given again.
@@ -133,10 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
-    """The flags, and the checkpoint that --resume or --evaluate names (None without them).
-
-    A resumed or evaluated run takes the flags it is not given from its checkpoint's config.
-    """
+    """The flags, and the checkpoint that --resume or --evaluate names (None without them), whose
+    config gives the flags not given again."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and args.evaluate:
@@ -234,10 +226,8 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: L
           loader: DeviceLoader, epoch: int, epochs: int, first_batch: int, stop: "StopFlag",
           ) -> tuple[list[float], list[float]]:
     """Train one epoch from batch `first_batch` on; return each step's loss and learning rate.
-
-    Ends early, with fewer steps, when a signal asks to stop or the loss is no longer finite.
-    Under torchrun the losses are averaged over the processes, which all stop at the same step.
-    """
+    Ends early when a signal asks to stop or the loss is no longer finite (under torchrun, all
+    processes at the same step, with losses averaged over them)."""
     model.train()
     # Step losses stay on the device and come to the host every LOSS_EVERY steps: a .item()
     # per step would make a GPU wait for every batch.
@@ -279,11 +269,8 @@ class Evaluation:
 
 @torch.no_grad()
 def test(model: torch.nn.Module, loader: DeviceLoader) -> Evaluation:
-    """Mean cross-entropy and accuracy over the whole test set.
-
-    Under torchrun each process scores its share and the logits of all are gathered, so that
-    every process reports the numbers of the whole set.
-    """
+    """Mean cross-entropy and accuracy over the whole test set (under torchrun each process
+    scores its share, and the logits of all are gathered)."""
     model.eval()
     logits = gather_from_processes(torch.cat([model(images) for images, _ in loader]), len(loader.labels))
     loss = F.cross_entropy(logits, loader.labels, reduction="sum").item() / len(loader.labels)
@@ -293,11 +280,9 @@ def test(model: torch.nn.Module, loader: DeviceLoader) -> Evaluation:
 
 def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int,
                    start_step: int = 0) -> LambdaLR:
-    """Hold --lr, then fall linearly to 0 over the last `decay_fraction` of the steps.
-
-    A long constant phase learns fast; the final decay settles the weights into a minimum. The
-    rate is a function of the step alone, so a resumed run starts at `start_step`.
-    """
+    """Hold --lr, then fall linearly to 0 over the last `decay_fraction` of the steps: a long
+    constant phase learns fast, the final decay settles the weights into a minimum. The rate is
+    a function of the step alone, so a resumed run starts at `start_step`."""
     decay_steps = decay_fraction * total_steps
 
     def factor(step: int) -> float:
@@ -312,10 +297,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, tota
 def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,  # noqa: C901, PLR0912, PLR0915
         stop: "StopFlag") -> dict | None:
     """One training run, new or resumed from `checkpoint`; returns its final metrics on process 0.
-
-    The recipe's whole story, in the order it happens, so it stays one function. `args` holds
-    single values here: a sweep calls run() once per point of its grid.
-    """
+    The recipe's whole story in the order it happens, kept in one function on purpose. `args`
+    holds single values: a sweep calls run() once per point of its grid."""
     with main_process_first():  # under torchrun a download happens once
         train_set = load_split(args.data_dir, True, device, args.verify_data)
         test_set = load_split(args.data_dir, False, device, args.verify_data)
@@ -983,6 +966,13 @@ def report(message: str, every_node: bool = False) -> None:
 # --- Data files and errors: a download, checks, and a mistake told in one clear line ------
 
 REFETCH = "delete the MNIST files and run again to download fresh copies, or fix --data-dir"
+MNIST_MD5 = {  # the published checksums of the four uncompressed files
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
 
 
 class UserError(Exception):
