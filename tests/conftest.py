@@ -21,11 +21,11 @@ import train_mnist  # noqa: E402
 
 IMAGE_FILES = {True: "train-images-idx3-ubyte", False: "t10k-images-idx3-ubyte"}
 LABEL_FILES = {True: "train-labels-idx1-ubyte", False: "t10k-labels-idx1-ubyte"}
-STEPS_PER_EPOCH = 300  # of INTERRUPTIBLE
+STEPS_PER_EPOCH = 200  # of INTERRUPTIBLE
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
-# A run long enough to be interrupted by a signal in its second epoch: 3 epochs of 300 steps
-# (interruptible_data's 2,400 digits in batches of 8).
+# A run long enough to be interrupted by a signal in its second epoch: 3 epochs of 200 steps
+# (interruptible_data's 1,600 digits in batches of 8).
 INTERRUPTIBLE = ["--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
                  "--device", "cpu"]
 
@@ -168,7 +168,7 @@ def metrics_of(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def interruptible_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_mnist(tmp_path_factory.mktemp("interruptible") / "data", train_count=2400, test_count=200)
+    return write_mnist(tmp_path_factory.mktemp("interruptible") / "data", train_count=1600, test_count=200)
 
 
 @pytest.fixture(scope="session")

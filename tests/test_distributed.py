@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -83,32 +84,32 @@ def test_a_two_process_checkpoint_evaluates_alike_in_one_and_two_processes(ddp_r
     assert [line for line in evaluated.stdout.splitlines() if line.startswith("Test accuracy")] == [reported]
 
 
-def checkpoint_epoch(path: Path) -> int:
-    try:
-        return torch.load(path, weights_only=True)["epoch"]
-    except (FileNotFoundError, RuntimeError):
-        return 0
+def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen) -> None:
+    """Wait until the run's last.pt has finished `epoch`, while `process` still runs."""
+    deadline = time.monotonic() + 120
+    while torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] < epoch:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.02)
 
 
 def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes(tmp_path):
     """One process -> two under torchrun; Ctrl-C stops every process at one step; two -> two."""
-    data_dir = write_mnist(tmp_path / "data", train_count=4000, test_count=200)
+    data_dir = write_mnist(tmp_path / "data", train_count=2000, test_count=200)
     run_dir = tmp_path / "runs" / "stopped"
     argv = [*COMMON, "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--data-dir", str(data_dir),
             "--log-dir", str(tmp_path / "runs"), "--run-name", "stopped"]
-    assert train_mnist.main(argv) == 0  # epoch 1 in one process: 500 steps
+    assert train_mnist.main(argv) == 0  # epoch 1 in one process: 250 steps
     assert metrics_of(run_dir)["epochs"] == 1
     # A terminal's Ctrl-C reaches every process of the foreground group: torchrun and its workers.
-    command = [*TORCHRUN, str(REPO / "train_mnist.py"), "--resume", str(run_dir), "--epochs", "4",
+    command = [*TORCHRUN, str(REPO / "train_mnist.py"), "--resume", str(run_dir), "--epochs", "5",
                "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while checkpoint_epoch(run_dir / "checkpoints" / "last.pt") < 2:  # epoch 2 done by two processes
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.05)
-        time.sleep(0.3)
+        wait_for_epoch(run_dir, 2, process)  # the first epoch in two processes
+        started = time.monotonic()
+        wait_for_epoch(run_dir, 3, process)
+        time.sleep(random.uniform(0.0, 0.5) * (time.monotonic() - started))  # a moment in epoch 4
         os.killpg(process.pid, signal.SIGINT)
         _, err = process.communicate(timeout=120)
     finally:
@@ -119,15 +120,15 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes(tmp_path):
     # torchrun itself reports the signal with a traceback of its own; the workers show none
     assert 'train_mnist.py", line' not in err
     stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert stopped["world_size"] == 2 and 2 <= stopped["epoch"] < 4
+    assert stopped["world_size"] == 2 and 3 <= stopped["epoch"] < 5
     assert not (run_dir / "metrics.json").exists()  # a run that trains on is not finished
-    # 250 steps an epoch in two processes, which agree to stop at a step where both check, every 50
+    # 125 steps an epoch in two processes, which agree to stop at a step where both check, every 50
     assert stopped["progress"]["batch"] % 50 == 0
     resumed = torchrun("--resume", str(run_dir), "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert metrics_of(run_dir)["epochs"] == 4
+    assert metrics_of(run_dir)["epochs"] == 5
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == 4 and last["global_step"] == 4 * 250 and last["world_size"] == 2
+    assert last["epoch"] == 5 and last["global_step"] == 5 * 125 and last["world_size"] == 2
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    assert [event.step for event in events.Scalars("training loss")] == [1, 2, 3, 4]
+    assert [event.step for event in events.Scalars("training loss")] == [1, 2, 3, 4, 5]

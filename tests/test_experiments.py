@@ -6,6 +6,8 @@ import os
 import pickle
 import random
 import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -111,38 +113,54 @@ def scalar_steps(run_dir: Path, tag: str) -> list[int]:
     return [event.step for event in events.Scalars(tag)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("signum", "times"), [(signal.SIGINT, 5), (signal.SIGTERM, 1)],
-                         ids=["five Ctrl-C", "SIGTERM"])
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptible_data, uninterrupted_run,
-                                                            signum, times):
-    run_dir = tmp_path / "runs" / "interrupted"
-    process = start_script(*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir",
-                           str(tmp_path / "runs"), "--run-name", "interrupted")
-    try:
-        wait_for(run_dir / "checkpoints" / "last.pt", process)  # first epoch done: mid-training
-        time.sleep(random.uniform(0.0, 0.5))
-        for _ in range(times):  # the first asks to stop; the others land while it saves
-            process.send_signal(signum)
-            time.sleep(0.005)
-        _, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 128 + signum, err
-    assert "Traceback" not in err and err.count("Resume with:") == 1
-    assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
-    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert 1 <= stopped_at["epoch"] < 3 and STEPS_PER_EPOCH <= stopped_at["global_step"] < 3 * STEPS_PER_EPOCH
-    assert not (run_dir / "metrics.json").exists()
+def interrupt_in_the_second_epoch(process: subprocess.Popen, run_dir: Path, signum: int, times: int) -> None:
+    """Send `signum` `times` times, 5 ms apart, at a random moment after the first epoch's checkpoint,
+    scaled to how long that epoch took, so that it lands mid-run on a fast machine or a slow one."""
+    wait_for(run_dir / "config.json", process)
+    started = time.monotonic()
+    wait_for(run_dir / "checkpoints" / "last.pt", process)
+    time.sleep(random.uniform(0.0, 0.5) * (time.monotonic() - started))
+    for _ in range(times):  # the first asks to stop; the others land while it saves
+        process.send_signal(signum)
+        time.sleep(0.005)
 
-    assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
-    assert_same_weights(weights(uninterrupted_run / "checkpoints/last.pt"),
-                        weights(run_dir / "checkpoints/last.pt"))
-    resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(uninterrupted_run)
-    assert resumed == pytest.approx(uninterrupted, rel=1e-6)  # same weights; a float32 ulp in the loss
-    assert scalar_steps(run_dir, "training loss/per step") == list(range(1, 3 * STEPS_PER_EPOCH + 1))
-    assert scalar_steps(run_dir, "training loss") == [1, 2, 3]
-    assert scalar_steps(run_dir, "learning rate") == scalar_steps(uninterrupted_run, "learning rate")
+
+@pytest.mark.slow
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptible_data, uninterrupted_run):
+    """Two runs at once: one gets five Ctrl-C, the other SIGTERM; both resume to the same weights."""
+    cases = {"sigint": (signal.SIGINT, 5), "sigterm": (signal.SIGTERM, 1)}
+    processes = {name: start_script(*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir",
+                                    str(tmp_path), "--run-name", name) for name in cases}
+    try:
+        senders = [threading.Thread(target=interrupt_in_the_second_epoch,
+                                    args=(processes[name], tmp_path / name, signum, times))
+                   for name, (signum, times) in cases.items()]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        errors = {name: process.communicate(timeout=120)[1] for name, process in processes.items()}
+    finally:
+        for process in processes.values():
+            process.kill()
+    for name, (signum, _) in cases.items():
+        run_dir, err = tmp_path / name, errors[name]
+        assert processes[name].returncode == 128 + signum, err
+        assert "Traceback" not in err and err.count("Resume with:") == 1
+        assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
+        stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+        assert 1 <= stopped_at["epoch"] < 3
+        assert STEPS_PER_EPOCH <= stopped_at["global_step"] < 3 * STEPS_PER_EPOCH
+        assert not (run_dir / "metrics.json").exists()
+
+        assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
+        assert_same_weights(weights(uninterrupted_run / "checkpoints/last.pt"),
+                            weights(run_dir / "checkpoints/last.pt"))
+        resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(uninterrupted_run)
+        assert resumed == pytest.approx(uninterrupted, rel=1e-6)  # same weights; a float32 ulp in the loss
+        assert scalar_steps(run_dir, "training loss/per step") == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+        assert scalar_steps(run_dir, "training loss") == [1, 2, 3]
+        assert scalar_steps(run_dir, "learning rate") == scalar_steps(uninterrupted_run, "learning rate")
 
 
 def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
