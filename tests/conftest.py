@@ -4,6 +4,7 @@ the process itself is under test (its exit code, its console, its signals, torch
 
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -21,12 +22,12 @@ import train_mnist  # noqa: E402
 
 IMAGE_FILES = {True: "train-images-idx3-ubyte", False: "t10k-images-idx3-ubyte"}
 LABEL_FILES = {True: "train-labels-idx1-ubyte", False: "t10k-labels-idx1-ubyte"}
-STEPS_PER_EPOCH = 200  # of INTERRUPTIBLE
+EPOCHS, STEPS_PER_EPOCH = 4, 200  # of INTERRUPTIBLE
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
-# A run long enough to be interrupted by a signal in its second epoch: 3 epochs of 200 steps
+# A run long enough to be interrupted by a signal in its third epoch: 4 epochs of 200 steps
 # (interruptible_data's 1,600 digits in batches of 8).
-INTERRUPTIBLE = ["--epochs", "3", "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
+INTERRUPTIBLE = ["--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
                  "--device", "cpu"]
 
 
@@ -136,9 +137,38 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
     """Wait until `path` exists, while `process` still runs."""
     deadline = time.monotonic() + seconds
     while not path.exists():
-        assert process.poll() is None, process.communicate()
+        assert process.poll() is None, f"the process ended ({process.returncode}) before {path} appeared"
         assert time.monotonic() < deadline, f"{path} did not appear within {seconds} s"
         time.sleep(0.01)
+
+
+def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds: float = 120) -> None:
+    """Wait until the run's last.pt has finished `epoch`, while `process` still runs. The file is
+    read only when it has changed: reading it in a tight loop would slow the run down."""
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + seconds
+    seen = None
+    while True:
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        if stamp != seen:  # written anew (atomically: always whole)
+            seen = stamp
+            if torch.load(last, weights_only=True)["epoch"] >= epoch:
+                return
+        assert process.poll() is None, f"the process ended ({process.returncode}) before epoch {epoch}"
+        assert time.monotonic() < deadline, f"epoch {epoch} did not end within {seconds} s"
+        time.sleep(0.01)
+
+
+def signal_in_a_later_epoch(process: subprocess.Popen, run_dir: Path, signum: int, times: int = 1) -> None:
+    """Send `signum` `times` times, 5 ms apart, at a random moment within the epoch after the second,
+    timed by how long the second took: mid-run on a fast machine as on a slow one."""
+    wait_for_epoch(run_dir, 1, process)
+    started = time.monotonic()
+    wait_for_epoch(run_dir, 2, process)
+    time.sleep(random.uniform(0.0, 0.5) * (time.monotonic() - started))
+    for _ in range(times):  # the first asks to stop; the others land while it saves
+        process.send_signal(signum)
+        time.sleep(0.005)
 
 
 def one_line_error(capsys: pytest.CaptureFixture) -> str:

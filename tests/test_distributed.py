@@ -13,7 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import REPO, TORCHRUN, metrics_of, torchrun, write_mnist
+from conftest import REPO, TORCHRUN, metrics_of, torchrun, wait_for_epoch, write_mnist
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun, or uses a run it made
 
@@ -82,14 +82,6 @@ def test_a_two_process_checkpoint_evaluates_alike_in_one_and_two_processes(ddp_r
     evaluated = torchrun("--evaluate", str(run_dir), "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert [line for line in evaluated.stdout.splitlines() if line.startswith("Test accuracy")] == [reported]
-
-
-def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen) -> None:
-    """Wait until the run's last.pt has finished `epoch`, while `process` still runs."""
-    deadline = time.monotonic() + 120
-    while torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] < epoch:
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.02)
 
 
 def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes(tmp_path):

@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train_mnist
 from conftest import (
+    EPOCHS,
     INTERRUPTIBLE,
     STEPS_PER_EPOCH,
     assert_same_weights,
@@ -224,7 +225,7 @@ def test_run_name_of_an_existing_run_is_refused_unless_resumed(tmp_path, synthet
 # --- Soak --------------------------------------------------------------------------------
 
 def check_complete(run_dir: Path, uninterrupted_run: Path) -> None:
-    epochs, steps_per_epoch = 3, STEPS_PER_EPOCH
+    epochs, steps_per_epoch = EPOCHS, STEPS_PER_EPOCH
     assert metrics_of(run_dir)["epochs"] == epochs
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == epochs and last["global_step"] == epochs * steps_per_epoch
