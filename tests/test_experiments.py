@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import signal
-import threading
 from pathlib import Path
 
 import pytest
@@ -112,41 +111,35 @@ def scalar_steps(run_dir: Path, tag: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptible_data, uninterrupted_run):
-    """Two runs at once: one gets five Ctrl-C, the other SIGTERM; both resume to the same weights."""
-    cases = {"sigint": (signal.SIGINT, 5), "sigterm": (signal.SIGTERM, 1)}
-    processes = {name: start_script(*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir",
-                                    str(tmp_path), "--run-name", name) for name in cases}
+@pytest.mark.parametrize(("signum", "times"), [(signal.SIGINT, 5), (signal.SIGTERM, 1)],
+                         ids=["five Ctrl-C", "SIGTERM"])
+def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptible_data, uninterrupted_run,
+                                                            signum, times):
+    # One run at a time: two on two cores, each with two threads, slow each other down many times.
+    run_dir = tmp_path / "interrupted"
+    process = start_script(*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir", str(tmp_path),
+                           "--run-name", "interrupted")
     try:
-        senders = [threading.Thread(target=signal_in_a_later_epoch,
-                                    args=(processes[name], tmp_path / name, signum, times))
-                   for name, (signum, times) in cases.items()]
-        for sender in senders:
-            sender.start()
-        for sender in senders:
-            sender.join()
-        errors = {name: process.communicate(timeout=120)[1] for name, process in processes.items()}
+        signal_in_a_later_epoch(process, run_dir, signum, times)
+        _, err = process.communicate(timeout=120)
     finally:
-        for process in processes.values():
-            process.kill()
-    for name, (signum, _) in cases.items():
-        run_dir, err = tmp_path / name, errors[name]
-        assert processes[name].returncode == 128 + signum, err
-        assert "Traceback" not in err and err.count("Resume with:") == 1
-        assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
-        stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-        assert 2 <= stopped_at["epoch"] < EPOCHS
-        assert 2 * STEPS_PER_EPOCH <= stopped_at["global_step"] < EPOCHS * STEPS_PER_EPOCH
-        assert not (run_dir / "metrics.json").exists()
+        process.kill()
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and err.count("Resume with:") == 1
+    assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
+    stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert 2 <= stopped_at["epoch"] < EPOCHS
+    assert 2 * STEPS_PER_EPOCH <= stopped_at["global_step"] < EPOCHS * STEPS_PER_EPOCH
+    assert not (run_dir / "metrics.json").exists()
 
-        assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
-        assert_same_weights(weights(uninterrupted_run / "checkpoints/last.pt"),
-                            weights(run_dir / "checkpoints/last.pt"))
-        resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(uninterrupted_run)
-        assert resumed == pytest.approx(uninterrupted, rel=1e-6)  # same weights; a float32 ulp in the loss
-        assert scalar_steps(run_dir, "training loss/per step") == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
-        assert scalar_steps(run_dir, "training loss") == list(range(1, EPOCHS + 1))
-        assert scalar_steps(run_dir, "learning rate") == scalar_steps(uninterrupted_run, "learning rate")
+    assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
+    assert_same_weights(weights(uninterrupted_run / "checkpoints/last.pt"),
+                        weights(run_dir / "checkpoints/last.pt"))
+    resumed, uninterrupted = metrics_without_timing(run_dir), metrics_without_timing(uninterrupted_run)
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6)  # same weights; a float32 ulp in the loss
+    assert scalar_steps(run_dir, "training loss/per step") == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert scalar_steps(run_dir, "training loss") == list(range(1, EPOCHS + 1))
+    assert scalar_steps(run_dir, "learning rate") == scalar_steps(uninterrupted_run, "learning rate")
 
 
 def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
