@@ -73,19 +73,17 @@ def test_matches_one_process_with_the_same_global_batch(ddp_run, data_dir, tmp_p
         torch.testing.assert_close(parallel_weights[key], single_weights[key], rtol=1e-3, atol=1e-4)
 
 
-def test_a_two_process_checkpoint_evaluates_alike_in_one_and_two_processes(ddp_run, capsys):
+def test_a_two_process_checkpoint_evaluates_in_one_process_to_the_reported_accuracy(ddp_run, capsys):
     run_dir, _ = ddp_run
     reported = f"Test accuracy: {metrics_of(run_dir)['test_accuracy']:.4f}"
     capsys.readouterr()
     assert train_mnist.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0  # two processes -> one
     assert reported in capsys.readouterr().out.splitlines()
-    evaluated = torchrun("--evaluate", str(run_dir), "--device", "cpu")
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert [line for line in evaluated.stdout.splitlines() if line.startswith("Test accuracy")] == [reported]
 
 
-def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes(tmp_path):
-    """One process -> two under torchrun; Ctrl-C stops every process at one step; two -> two."""
+def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_path, capsys):
+    """One process -> two under torchrun; Ctrl-C stops both at one step; the stopped checkpoint
+    evaluates alike under torchrun and in one process; two -> one resumes it."""
     data_dir = write_mnist(tmp_path / "data", train_count=2000, test_count=200)
     run_dir = tmp_path / "runs" / "stopped"
     argv = [*COMMON, "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--data-dir", str(data_dir),
@@ -116,11 +114,20 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes(tmp_path):
     assert not (run_dir / "metrics.json").exists()  # a run that trains on is not finished
     # 125 steps an epoch in two processes, which agree to stop at a step where both check, every 50
     assert stopped["progress"]["batch"] % 50 == 0
-    resumed = torchrun("--resume", str(run_dir), "--device", "cpu")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    evaluated = torchrun("--evaluate", str(run_dir), "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    (two_processes,) = [line for line in evaluated.stdout.splitlines() if line.startswith("Test accuracy")]
+    capsys.readouterr()
+    assert train_mnist.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0
+    assert two_processes in capsys.readouterr().out.splitlines()
+
+    # Two processes -> one: the stopped epoch starts again from its first batch.
+    assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
+    assert f"Resuming {run_dir} at epoch {stopped['epoch'] + 1}, batch 0" in capsys.readouterr().out
     assert metrics_of(run_dir)["epochs"] == 5
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert last["epoch"] == 5 and last["global_step"] == 5 * 125 and last["world_size"] == 2
+    assert last["epoch"] == 5 and last["world_size"] == 1 and last["global_step"] == 5 * 250
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
     assert [event.step for event in events.Scalars("training loss")] == [1, 2, 3, 4, 5]
