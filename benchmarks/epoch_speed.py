@@ -7,6 +7,7 @@ three ways, interleaved in one process run, and prints the ratios:
   ours    train_mnist.py's path: DeviceLoader over device tensors, progress bar, step-loss buffer
   course  torchvision MNIST with per-sample ToTensor/Normalize through a DataLoader (2 workers)
 
+    pip install -c constraints.txt torchvision   # the course pipeline needs it; train_mnist.py does not
     python benchmarks/epoch_speed.py --data-dir data --repeats 3
 """
 
