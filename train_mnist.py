@@ -17,6 +17,7 @@ import contextlib
 import csv
 import dataclasses
 import datetime
+import errno
 import gc
 import gzip
 import hashlib
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr_decay", "--lr-decay", type=unit_fraction, default=0.2, metavar="FRACTION",
         help="final fraction of the steps over which the learning rate falls linearly from --lr to 0 "
              "(0: constant)")
-    add("--seed", type=non_negative_int, default=1, metavar="N",
+    add("--seed", type=seed_int, default=1, metavar="N",
         help="seed of the weights and of the batch order")
     add("--deterministic", action="store_true",
         help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument_group("logging").add_argument
     add("--log_dir", "--log-dir", type=Path, default=Path("runs"), metavar="DIR",
         help="TensorBoard folder; each run gets its own sub-folder")
-    add("--run_name", "--run-name", default=None, metavar="NAME",
+    add("--run_name", "--run-name", type=folder_name, default=None, metavar="NAME",
         help="name of this run's folder (default: time stamp and key hyper-parameters)")
     add("--num_embeddings", "--num-embeddings", type=non_negative_int, default=256, metavar="N",
         help="training and test digits shown in the projector (0: none)")
@@ -193,7 +194,7 @@ class DeviceLoader:
         """This process's samples for the current epoch, in order."""
         count = len(self.labels)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_000 + self.epoch)
+            generator = torch.Generator().manual_seed((self.seed * 100_000 + self.epoch) % 2**64)
             order = torch.randperm(count, generator=generator)
             order = torch.cat([order, order[:-count % self.world_size]])
         else:
@@ -603,7 +604,16 @@ def training_state(model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer
 def save_on_main(checkpoint: dict, run_dir: Path, name: str) -> None:
     """Process 0 writes run_dir/checkpoints/<name>.pt, atomically."""
     if MAIN_PROCESS:
-        atomic_write(run_dir / "checkpoints" / f"{name}.pt", lambda file: torch.save(checkpoint, file))
+        atomic_write(run_dir / "checkpoints" / f"{name}.pt", lambda file: save_tensors(checkpoint, file))
+
+
+def save_tensors(checkpoint: dict, file: BinaryIO) -> None:
+    """torch.save, with a write that fails part-way (on a full disk, say) raised as the OSError it is:
+    torch reports it as a RuntimeError."""
+    try:
+        torch.save(checkpoint, file)
+    except RuntimeError as error:
+        raise OSError(errno.EIO, "the write stopped part-way (is the disk full?)") from error
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -999,6 +1009,10 @@ def non_negative_int(text: str) -> int:
     return _number(int, text, lambda v: v >= 0, "a whole number >= 0")
 
 
+def seed_int(text: str) -> int:
+    return _number(int, text, lambda v: 0 <= v < 2**64, "a whole number from 0 to 2**64 - 1")
+
+
 def positive_float(text: str) -> float:
     return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
@@ -1013,6 +1027,13 @@ def momentum_float(text: str) -> float:
 
 def unit_fraction(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def folder_name(text: str) -> str:
+    """argparse type of --run_name: one folder inside --log_dir, never a path that leaves it."""
+    if text in ("", ".", "..") or any(sep and sep in text for sep in ("/", os.sep, os.altsep)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a folder name, without '/' and not '.' or '..'")
+    return text
 
 
 def available_device(name: str) -> torch.device:

@@ -47,6 +47,22 @@ def test_every_value_of_every_numeric_flag_is_checked(flags, capsys):
     assert f"argument {flags[0]}" in capsys.readouterr().err.replace("_", "-")
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "../outside", "/tmp/elsewhere", "a/b"])
+def test_run_name_is_one_folder_inside_the_log_dir(name, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.parse_args(["--run-name", name])
+    assert exit_info.value.code == 2
+    assert f"argument --run_name/--run-name: {name!r} must be a folder name" in capsys.readouterr().err
+
+
+def test_the_largest_seed_trains_and_a_larger_one_is_refused(tmp_path, synthetic_data, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.parse_args(["--seed", str(2**64)])
+    assert exit_info.value.code == 2 and "argument --seed" in capsys.readouterr().err
+    assert train_mnist.main([*SMALL, "--epochs", "1", "--seed", str(2**64 - 1), "--data-dir",
+                             str(synthetic_data), "--log-dir", str(tmp_path)]) == 0
+
+
 # --- Data --------------------------------------------------------------------------------
 
 def corrupt(raw: Path, how: str) -> str:
@@ -170,16 +186,21 @@ def test_unwritable_run_folder_is_reported_before_training(tmp_path, synthetic_d
     assert not list((tmp_path / "ro").glob("events.out.tfevents.*"))  # no training, no logs
 
 
+# torch.save raises OSError when the file cannot be opened, and RuntimeError when a write fails
+# part-way, as on a full disk ("[enforce fail at inline_container.cc] unexpected pos").
+@pytest.mark.parametrize(("failure", "reason"), [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+     "the write stopped part-way (is the disk full?)"),
+], ids=["OSError", "RuntimeError"])
 def test_failing_checkpoint_write_is_reported_and_the_previous_one_survives(
-        tmp_path, synthetic_data, monkeypatch, capsys):
+        tmp_path, synthetic_data, monkeypatch, capsys, failure, reason):
     real_save = torch.save
-    calls = []
 
     def full_disk_after_epoch_one(obj, file):
-        calls.append(obj["epoch"])
         if obj["epoch"] >= 2:
             file.write(b"partial")
-            raise OSError(28, "No space left on device")
+            raise failure
         real_save(obj, file)
 
     monkeypatch.setattr(train_mnist.torch, "save", full_disk_after_epoch_one)
@@ -188,7 +209,7 @@ def test_failing_checkpoint_write_is_reported_and_the_previous_one_survives(
     monkeypatch.undo()
     assert code == 1
     message = one_line_error(capsys)
-    assert "last.pt: No space left on device; the previous file, if any, is kept" in message
+    assert f"last.pt: {reason}; the previous file, if any, is kept" in message
     last = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert not (tmp_path / "full" / "metrics.json").exists()
