@@ -159,15 +159,20 @@ def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds
         time.sleep(0.01)
 
 
-def signal_in_a_later_epoch(process: subprocess.Popen, run_dir: Path, signum: int, times: int = 1) -> None:
-    """Send `signum` `times` times, 5 ms apart, at a random moment within the epoch after the second,
-    timed by how long the second took: mid-run on a fast machine as on a slow one."""
-    wait_for_epoch(run_dir, 1, process)
+def signal_in_a_later_epoch(process: subprocess.Popen, run_dir: Path, signum: int, times: int = 1,
+                            timed_epoch: int = 2, whole_group: bool = False) -> None:
+    """Send `signum` `times` times, 5 ms apart, at a random moment within the epoch after
+    `timed_epoch`, timed by how long that one took: mid-run on a fast machine as on a slow one.
+    With `whole_group`, to the process's whole group, as a terminal's Ctrl-C does."""
+    wait_for_epoch(run_dir, timed_epoch - 1, process)
     started = time.monotonic()
-    wait_for_epoch(run_dir, 2, process)
+    wait_for_epoch(run_dir, timed_epoch, process)
     time.sleep(random.uniform(0.0, 0.5) * (time.monotonic() - started))
     for _ in range(times):  # the first asks to stop; the others land while it saves
-        process.send_signal(signum)
+        if whole_group:
+            os.killpg(process.pid, signum)
+        else:
+            process.send_signal(signum)
         time.sleep(0.005)
 
 

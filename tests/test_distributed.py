@@ -2,10 +2,8 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import REPO, TORCHRUN, metrics_of, torchrun, wait_for_epoch, write_mnist
+from conftest import REPO, TORCHRUN, metrics_of, signal_in_a_later_epoch, torchrun, write_mnist
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun, or uses a run it made
 
@@ -96,11 +94,8 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
-        wait_for_epoch(run_dir, 2, process)  # the first epoch in two processes
-        started = time.monotonic()
-        wait_for_epoch(run_dir, 3, process)
-        time.sleep(random.uniform(0.0, 0.5) * (time.monotonic() - started))  # a moment in epoch 4
-        os.killpg(process.pid, signal.SIGINT)
+        # a moment in epoch 4, timed by epoch 3 (epoch 2 is the first in two processes)
+        signal_in_a_later_epoch(process, run_dir, signal.SIGINT, timed_epoch=3, whole_group=True)
         _, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
