@@ -12,6 +12,22 @@ Ctrl-C, run folders and sweeps of hyper-parameters, signals, torchrun, and the c
 a user's mistake into one clear line.
 """
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    # From the first instant: a Ctrl-C while the libraries load (or after the work is done) has
+    # nothing to save, so it ends the program at once with one line instead of a traceback.
+    # main() installs the handler that saves the state while a run is under way.
+    def leave_at_once(signum: int, _frame: object) -> None:
+        print(f"\nStopped by {signal.Signals(signum).name}; nothing was in progress.", file=sys.stderr)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    for startup_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(startup_signal, leave_at_once)
+
 import argparse
 import contextlib
 import csv
@@ -25,11 +41,9 @@ import http.client
 import itertools
 import json
 import math
-import os
 import pickle
-import signal
+import shutil
 import struct
-import sys
 import time
 import urllib.request
 import warnings
@@ -42,11 +56,19 @@ import matplotlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from google.protobuf import text_format
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
+
+try:
+    import fcntl  # POSIX file locks: one process per run folder
+except ImportError:  # Windows has none: runs there are not guarded against a second process
+    fcntl = None
 
 matplotlib.use("Agg")  # figures are drawn into TensorBoard images, never shown on screen
 import matplotlib.pyplot as plt
@@ -60,6 +82,7 @@ SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of th
 HPARAMS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "deterministic")  # the HPARAMS columns
 # Flags a resumed run takes from its checkpoint unless they are given again.
 RESUMED_FLAGS = (*HPARAMS, "test_batch_size", "num_embeddings", "data_dir")
+STEP_TAGS = ("training loss/per step", "learning rate")  # logged per step; the other tags per epoch
 LOSS_EVERY = 50  # steps between two reads of the loss: progress bar, divergence and stop checks
 
 # Several processes: torchrun starts one copy of this script per process and tells each its
@@ -78,8 +101,8 @@ MAIN_PROCESS = RANK == 0  # process 0 alone prints, logs to TensorBoard and writ
 # --- Command line -----------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(exit_on_error=exit_on_error,
         description="Train a small CNN on MNIST and log the training to TensorBoard. Several values "
                     "for --lr, --batch_size, --momentum or --epochs run a sweep over their grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
@@ -98,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
              "(0: constant)")
     add("--seed", type=seed_int, default=1, metavar="N",
         help="seed of the weights and of the batch order")
-    add("--deterministic", action="store_true",
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
         help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
     add("--device", type=available_device, default="auto", metavar="{auto,cpu,cuda,mps}",
         help="where to train; auto takes CUDA if available, else MPS, else the CPU")
@@ -106,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per evaluation batch")
 
     add = parser.add_argument_group("data").add_argument
-    add("--data_dir", "--data-dir", type=Path, default=Path("data"), metavar="DIR",
+    add("--data_dir", "--data-dir", type=path_flag, default=Path("data"), metavar="DIR",
         help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if absent")
     add("--verify_data", "--verify-data", action="store_true",
         help="check the MNIST files against the published checksums before using them")
 
     add = parser.add_argument_group("logging").add_argument
-    add("--log_dir", "--log-dir", type=Path, default=Path("runs"), metavar="DIR",
+    add("--log_dir", "--log-dir", type=path_flag, default=Path("runs"), metavar="DIR",
         help="TensorBoard folder; each run gets its own sub-folder")
     add("--run_name", "--run-name", type=folder_name, default=None, metavar="NAME",
         help="name of this run's folder (default: time stamp and key hyper-parameters)")
@@ -120,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="training and test digits shown in the projector (0: none)")
 
     add = parser.add_argument_group("experiments").add_argument
-    add("--resume", type=Path, default=None, metavar="PATH",
+    add("--resume", type=path_flag, default=None, metavar="PATH",
         help="continue the run of this checkpoint (or run folder) up to --epochs")
-    add("--evaluate", type=Path, default=None, metavar="PATH",
+    add("--evaluate", type=path_flag, default=None, metavar="PATH",
         help="only test this checkpoint (or a run folder's last.pt) and print its accuracy")
     return parser
 
@@ -137,13 +160,43 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     if not (args.resume or args.evaluate):
         return args, None
     checkpoint = load_checkpoint(args.resume or args.evaluate)  # UserError: main() reports it
-    saved = checkpoint["config"]
-    parser.set_defaults(**{key: [saved[key]] if key in SWEEP_FLAGS else saved[key]
-                           for key in RESUMED_FLAGS if key in saved})
+    parser.set_defaults(**stored_flags(checkpoint))
     args = parser.parse_args(argv)
-    if args.resume and any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
-        parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
+    if args.resume:
+        refuse_unresumable(parser, args, checkpoint)
     return args, checkpoint
+
+
+def stored_flags(checkpoint: dict) -> dict:
+    """The flags of a checkpoint's run, each through the same check as on the command line."""
+    saved = checkpoint["config"]
+    argv = []
+    for key in (key for key in RESUMED_FLAGS if key in saved):
+        if key == "deterministic":
+            argv.append({True: "--deterministic", False: "--no-deterministic"}.get(saved[key],
+                                                                                f"--deterministic={saved[key]}"))
+        else:
+            argv += [f"--{key}", str(saved[key])]
+    try:
+        stored, unknown = build_parser(exit_on_error=False).parse_known_args(argv)
+        if unknown:
+            raise argparse.ArgumentError(None, f"unexpected {' '.join(unknown)}")
+    except argparse.ArgumentError as error:
+        raise UserError(f"{checkpoint['path']} holds an invalid flag ({error}): it was changed, or not "
+                        "written by train_mnist.py") from None
+    return {key: getattr(stored, key) for key in RESUMED_FLAGS if key in saved}
+
+
+def refuse_unresumable(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
+    """--resume honours every flag given again, except those that would make it another run."""
+    if any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
+        parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
+    saved_seed = checkpoint["config"].get("seed", args.seed)
+    if args.seed != saved_seed:
+        parser.error(f"--seed cannot change on --resume: it chose the run's initial weights and its "
+                     f"batch order (this run has seed {saved_seed}); start a new run for another seed")
+    if args.run_name is not None and args.run_name != run_dir_of(checkpoint).name:
+        parser.error(f"--run_name cannot rename a run on --resume: it continues in {run_dir_of(checkpoint)}")
 
 
 # --- Data: each split is read once and lives as one normalized tensor on the device -------
@@ -156,12 +209,9 @@ class Split(NamedTuple):
 
 
 def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool = False) -> Split:
-    """The training or the test split, its two files downloaded first if they are absent."""
+    """The training or the test split, from its two files in <data_dir>/MNIST/raw/."""
     raw_dir = data_dir / "MNIST" / "raw"
     images_file, labels_file = (raw_dir / name for name in (MNIST_FILES[:2] if train else MNIST_FILES[2:]))
-    missing = [path for path in (images_file, labels_file) if not path.exists()]
-    if missing:
-        download_mnist(missing)
     raw_images, labels = read_mnist(images_file, labels_file, verify)  # a damaged file is one clear line
     return Split(raw_images, normalize(raw_images.to(device)), labels.long().to(device))
 
@@ -300,9 +350,10 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
     """One training run, new or resumed from `checkpoint`; returns its final metrics on process 0.
     The recipe's whole story in the order it happens, kept in one function on purpose. `args`
     holds single values: a sweep calls run() once per point of its grid."""
-    with main_process_first():  # under torchrun a download happens once
-        train_set = load_split(args.data_dir, True, device, args.verify_data)
-        test_set = load_split(args.data_dir, False, device, args.verify_data)
+    with main_process_first():  # under torchrun only process 0 downloads; the others wait for it
+        download_missing(args.data_dir, MNIST_FILES)
+    train_set = load_split(args.data_dir, True, device, args.verify_data)
+    test_set = load_split(args.data_dir, False, device, args.verify_data)
     train_loader = DeviceLoader(train_set.images, train_set.labels, args.batch_size, shuffle=True,
                                 seed=args.seed)
     test_loader = DeviceLoader(test_set.images, test_set.labels, args.test_batch_size)
@@ -316,18 +367,18 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
     stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
     if checkpoint is None:
         progress, run_dir = Progress(), make_run_dir(args) if MAIN_PROCESS else None
-    else:
-        progress, run_dir = resume(checkpoint, model_without_ddp, optimizer, args.epochs)
-    scheduler = make_scheduler(optimizer, args.lr_decay, args.epochs * steps_per_epoch,
-                               start_step=progress.global_step(steps_per_epoch))
+    else:  # the saved state, then the flags given again
+        progress, run_dir = resume(checkpoint, model_without_ddp, optimizer, args)
+    scheduler = make_scheduler(optimizer, args.lr_decay, progress.total_steps(args.epochs, steps_per_epoch),
+                               start_step=progress.step)
     model = wrap_for_processes(model_without_ddp, device)  # under torchrun, DDP averages the gradients
-    config = config_of(args) | {"run_dir": str(run_dir)}
-    if MAIN_PROCESS:
-        write_json(run_dir / "config.json", config)
-        print(f"Training on {device} with seed {args.seed}"
-              + (f" in {WORLD_SIZE} processes" if WORLD_SIZE > 1 else "") + f"; logging to {run_dir}")
+    config = config_of(args, run_dir, checkpoint, progress)
 
-    with SummaryWriter(run_dir) if MAIN_PROCESS else contextlib.nullcontext() as writer:
+    with (claim_run_dir(run_dir, checkpoint, progress, config),  # this process alone writes in it
+          SummaryWriter(run_dir) if MAIN_PROCESS else contextlib.nullcontext() as writer):
+        if writer:
+            print(f"Training on {device} with seed {args.seed}"
+                  + (f" in {WORLD_SIZE} processes" if WORLD_SIZE > 1 else "") + f"; logging to {run_dir}")
         if writer and checkpoint is None:
             writer.add_image("mnist_images", image_grid(train_set.raw[:64, None] / 255, columns=8))
             with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
@@ -336,7 +387,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
 
         evaluation = None
         while progress.epoch < args.epochs:
-            epoch, first_step = progress.epoch + 1, progress.global_step(steps_per_epoch) + 1
+            epoch, first_step = progress.epoch + 1, progress.step + 1
             train_loader.set_epoch(epoch)
             started = time.perf_counter()
             step_losses, step_lrs = train(model, optimizer, scheduler, train_loader, epoch, args.epochs,
@@ -348,9 +399,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                     writer.add_scalar("learning rate", lr, step)
             stop_if_diverged(model_without_ddp, progress.loss_sum, epoch, args.lr)
             if progress.batch < steps_per_epoch:  # a signal stopped the epoch midway: keep its place
-                state = training_state(model_without_ddp, optimizer, scheduler, progress, steps_per_epoch,
-                                       config)
-                save_on_main(state, run_dir, "last")
+                save_on_main(training_state(model_without_ddp, optimizer, progress, config), run_dir, "last")
                 raise Interrupted(stop.signum, run_dir)
 
             evaluation = test(model_without_ddp, test_loader)
@@ -365,7 +414,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                 writer.flush()
                 tqdm.write(f"Epoch {epoch}: train loss {record['train_loss']:.4f}, test loss "
                            f"{evaluation.loss:.4f}, test accuracy {evaluation.accuracy:.4f}")
-            state = training_state(model_without_ddp, optimizer, scheduler, progress, steps_per_epoch, config)
+            state = training_state(model_without_ddp, optimizer, progress, config)
             save_on_main(state, run_dir, "last")
             if improved:
                 save_on_main(state, run_dir, "best")
@@ -376,33 +425,38 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
             evaluation = test(model_without_ddp, test_loader)
         if not writer:
             return None
-        metrics = log_results(writer, model_without_ddp, args, progress, evaluation, train_set, test_set)
-    write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
+        stop.on_signal = "the training is over and saved; finishing without the figures and embeddings left"
+        metrics = log_results(writer, model_without_ddp, config, progress, evaluation, train_set, test_set,
+                              stop)
+        write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
     print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
     print(f"Run directory: {run_dir}")
     return metrics
 
 
-def log_results(writer: SummaryWriter, model_without_ddp: MNISTNet, args: argparse.Namespace,
-                progress: "Progress", evaluation: Evaluation, train_set: Split, test_set: Split) -> dict:
-    """After training: the test set's figures, the learned features and the HPARAMS row."""
-    with progress.timing_logging():
-        log_test_figures(writer, evaluation, test_set.raw, args.epochs)
-        if args.num_embeddings:
-            # Filed under the epoch (<run>/000NN/<tag>/): a run resumed to train longer adds its
-            # new embedding beside the old one.
-            writer.add_embedding(**embedding(model_without_ddp, train_set, args.num_embeddings, args.seed),
-                                 tag="train features", global_step=args.epochs)
-            writer.add_embedding(**embedding(model_without_ddp, test_set, args.num_embeddings, args.seed,
-                                             evaluation.predictions),
-                                 tag="test features", global_step=args.epochs)
-    metrics = final_metrics(progress, args.epochs, len(train_set.labels))
+def log_results(writer: SummaryWriter, model_without_ddp: MNISTNet, config: dict, progress: "Progress",
+                evaluation: Evaluation, train_set: Split, test_set: Split, stop: "StopFlag") -> dict:
+    """After training: the test set's figures, the learned features and the HPARAMS row. A signal
+    here skips the figures and embeddings not yet made: the training is saved already."""
+    epochs, count, seed = config["epochs"], config["num_embeddings"], config["seed"]
+    with progress.timing_logging(), keep_earlier_embeddings(Path(writer.log_dir)):
+        if stop.signum is None:
+            log_test_figures(writer, evaluation, test_set.raw, epochs)
+        # Filed under the epoch (<run>/000NN/<tag>/): a run resumed to train longer adds its
+        # new embeddings beside the old ones.
+        for tag, split, predictions in (("train features", train_set, None),
+                                        ("test features", test_set, evaluation.predictions)):
+            if count and stop.signum is None:
+                writer.add_embedding(**embedding(model_without_ddp, split, count, seed, predictions),
+                                     tag=tag, global_step=epochs)
+    metrics = final_metrics(progress, epochs, len(train_set.labels))
     # One HPARAMS row, written into this run's own folder: writer.add_hparams would start a
     # separate sub-run. Its metrics name the run's own `test accuracy` and `test loss` curves.
-    row = hparams({key: getattr(args, key) for key in HPARAMS},
+    row = hparams({key: config[key] for key in HPARAMS} | {"changed on resume": changes_on_resume(config)},
                   {"test accuracy": metrics["test_accuracy"], "test loss": metrics["test_loss"]})
     for summary in row:
         writer.file_writer.add_summary(summary)
+    writer.flush()
     return metrics
 
 
@@ -549,7 +603,7 @@ def embedding(net: MNISTNet, split: Split, count: int, seed: int,
 # --- Checkpoints, resume and reproducibility ---------------------------------------------
 # A checkpoint is a plain dict of tensors and numbers, readable with weights_only=True.
 
-CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "epoch", "global_step", "progress", "rng", "config"}
+CHECKPOINT_KEYS = {"model", "optimizer", "epoch", "global_step", "progress", "rng", "config"}
 
 
 @dataclasses.dataclass
@@ -558,17 +612,25 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches completed in the epoch under way
+    step: int = 0  # optimizer steps over the whole run: the x-axis of the per-step curves
     loss_sum: float = 0.0  # sum of those batches' losses, for the epoch's mean
     best_accuracy: float = -1.0
     seconds: float = 0.0  # training time so far, over all sessions of the run
     logging_seconds: float = 0.0  # time spent on histograms, figures and embeddings
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
 
-    def global_step(self, steps_per_epoch: int) -> int:
-        """Steps trained so far over the whole run."""
-        return self.epoch * steps_per_epoch + self.batch
+    def total_steps(self, epochs: int, steps_per_epoch: int) -> int:
+        """The run's steps in all: those before this epoch, then `epochs` epochs' worth at today's
+        batch size (a resumed run may change it)."""
+        return self.step - self.batch + (epochs - self.epoch) * steps_per_epoch
+
+    def restart_epoch(self) -> None:
+        """Forget the batches done in the epoch under way: it starts again from its first batch."""
+        self.step -= self.batch
+        self.batch, self.loss_sum = 0, 0.0
 
     def add_steps(self, step_losses: list[float], seconds: float) -> None:
+        self.step += len(step_losses)
         self.batch += len(step_losses)
         self.loss_sum += sum(step_losses)
         self.seconds += seconds
@@ -590,13 +652,12 @@ class Progress:
         self.logging_seconds += time.perf_counter() - started
 
 
-def training_state(model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer,
-                   scheduler: LRScheduler, progress: Progress,
-                   steps_per_epoch: int, config: dict) -> dict:
-    """All that a resumed run needs to continue exactly; the weights are the same in every process."""
+def training_state(model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer, progress: Progress,
+                   config: dict) -> dict:
+    """All that a resumed run needs to continue exactly; the weights are the same in every process.
+    The learning-rate schedule needs no state of its own: it is a function of the step."""
     return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": progress.epoch,
-            "global_step": progress.global_step(steps_per_epoch), "world_size": WORLD_SIZE,
+            "epoch": progress.epoch, "global_step": progress.step, "world_size": WORLD_SIZE,
             "progress": dataclasses.asdict(progress), "rng": {"torch": torch.get_rng_state()},
             "config": config}
 
@@ -648,44 +709,67 @@ def restore_model(net: MNISTNet, checkpoint: dict) -> None:
         raise UserError(f"{checkpoint['path']} holds weights of a different network than MNISTNet") from None
 
 
-def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer,
-           epochs: int) -> tuple[Progress, Path]:
-    """Load a checkpoint's state to continue its run up to `epochs`: returns (progress, run folder).
+def run_dir_of(checkpoint: dict) -> Path:
+    return checkpoint["path"].parent.parent  # <run>/checkpoints/<name>.pt
 
-    The learning-rate schedule needs no state of its own: it is a function of the step.
-    """
+
+def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer,
+           args: argparse.Namespace) -> tuple[Progress, Path]:
+    """Load a checkpoint's state to continue its run with `args`: returns (progress, run folder).
+    The flags given again win over the saved state; nothing in the run folder changes yet."""
     restore_model(model_without_ddp, checkpoint)  # first: another network's weights are the worse mistake
     if checkpoint["path"].parent.name != "checkpoints":
         raise UserError("--resume continues a run in its folder: give the run folder, or a checkpoint "
                         "in its checkpoints/ folder (use --evaluate to test a loose checkpoint)")
-    run_dir = checkpoint["path"].parent.parent
-    if checkpoint["epoch"] >= epochs and (run_dir / "metrics.json").exists():
-        raise UserError(f"run {run_dir} has finished its {checkpoint['epoch']} epochs; "
-                        "resume it with a larger --epochs to train longer")
+    run_dir = run_dir_of(checkpoint)
+    finished = finished_epochs(run_dir, checkpoint)
+    if finished is not None and args.epochs <= finished:
+        raise UserError(f"run {run_dir} has finished its {finished} epochs; resume it with --epochs larger "
+                        f"than {finished} to train longer")
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         progress = Progress(**checkpoint["progress"])
+        progress.step = int(checkpoint["global_step"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
     except (KeyError, TypeError, ValueError, RuntimeError):
         raise UserError(f"{checkpoint['path']} lacks part of the training state (optimizer or position), "
                         "so it cannot be resumed; --evaluate can still test it") from None
-    if MAIN_PROCESS:  # a run that trains on is unfinished until it writes metrics.json anew
-        (run_dir / "metrics.json").unlink(missing_ok=True)
-    if checkpoint.get("world_size", 1) != WORLD_SIZE:
-        # Another number of processes splits an epoch into other steps: an interrupted epoch
-        # starts again from its first batch.
-        progress.batch, progress.loss_sum = 0, 0.0
+    for group in optimizer.param_groups:  # the saved state brought back the old values
+        group.update(lr=args.lr, initial_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    if (checkpoint["config"].get("batch_size") != args.batch_size
+            or checkpoint.get("world_size", 1) != WORLD_SIZE):
+        # Another batch size or number of processes splits an epoch into other steps: an
+        # interrupted epoch starts again from its first batch.
+        progress.restart_epoch()
     if MAIN_PROCESS:
         print(f"Resuming {run_dir} at epoch {progress.epoch + 1}, batch {progress.batch}")
     return progress, run_dir
+
+
+def finished_epochs(run_dir: Path, checkpoint: dict) -> int | None:
+    """How many epochs the run had when it finished (it has a metrics.json); None if unfinished."""
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text())["epochs"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):  # damaged: the checkpoint's run length will do
+        return int(checkpoint["config"].get("epochs", checkpoint["epoch"]))
+
+
+def changes_on_resume(config: dict) -> str:
+    """The flags changed by each resume, for the HPARAMS row: e.g. 'lr 0.02->0.05 at step 1876'."""
+    changes = [f"{key} {old}->{new} at step {session['step']}"
+               for session in config.get("resumed", []) for key, (old, new) in session["changed"].items()]
+    return "; ".join(changes) or "none"
 
 
 def evaluate(checkpoint: dict, args: argparse.Namespace, device: torch.device) -> float:
     """Test a checkpoint on the test set and print its accuracy; no training, no run folder."""
     net = MNISTNet().to(device)
     restore_model(net, checkpoint)
-    with main_process_first():
-        test_set = load_split(args.data_dir, False, device, args.verify_data)
+    with main_process_first():  # only process 0 downloads
+        download_missing(args.data_dir, MNIST_FILES[2:])  # testing needs only the test files
+    test_set = load_split(args.data_dir, False, device, args.verify_data)
     result = test(net, DeviceLoader(test_set.images, test_set.labels, args.test_batch_size))
     if MAIN_PROCESS:
         print(f"Checkpoint: {checkpoint['path']} (epoch {checkpoint['epoch']})")
@@ -719,17 +803,149 @@ def make_run_dir(args: argparse.Namespace) -> Path:
                 return run_dir
     except OSError as error:
         raise UserError(f"cannot create a run folder in {args.log_dir}: {error.strerror}; "
-                        "fix its permissions or pick another --log-dir") from None
-    if args.run_name:
-        raise UserError(f"run {args.log_dir / args.run_name} already exists; pick another --run-name, "
-                        f"or continue it with --resume {args.log_dir / args.run_name}")
-    raise UserError(f"too many runs named {base}* in {args.log_dir}; pick a --run-name")
+                        f"{how_to_fix(error, '--log-dir')}") from None
+    if not args.run_name:
+        raise UserError(f"too many runs named {base}* in {args.log_dir}; pick a --run-name")
+    taken = args.log_dir / args.run_name
+    if not (taken / "checkpoints" / "last.pt").exists():
+        raise UserError(f"run {taken} already exists, without a checkpoint to resume (it stopped before "
+                        "its first epoch ended); delete it or pick another --run-name")
+    raise UserError(f"run {taken} already exists; pick another --run-name, or continue it with "
+                    f"--resume {taken}")
 
 
-def config_of(args: argparse.Namespace) -> dict:
-    """The resolved flags of one run, as JSON-ready values (also stored in checkpoints)."""
-    return {key: str(value) if isinstance(value, (Path, torch.device)) else value
-            for key, value in vars(args).items() if key not in {"resume", "evaluate"}}
+def config_of(args: argparse.Namespace, run_dir: Path | None, checkpoint: dict | None = None,
+              progress: Progress | None = None) -> dict:
+    """What a run really uses, as JSON (config.json, and in every checkpoint): the resolved flags,
+    its folder, and for each time it was resumed, where and which flags changed."""
+    config = {key: str(value) if isinstance(value, (Path, torch.device)) else value
+              for key, value in vars(args).items() if key not in {"resume", "evaluate"}}
+    config["run_dir"], config["resumed"] = str(run_dir), []
+    if checkpoint is not None:
+        saved = checkpoint["config"]
+        changed = {key: [saved[key], config[key]] for key in RESUMED_FLAGS
+                   if key in saved and saved[key] != config[key]}
+        session = {"from": str(checkpoint["path"]), "epoch": progress.epoch, "step": progress.step,
+                   "changed": changed}
+        config["resumed"] = [*saved.get("resumed", []), session]
+    return config
+
+
+@contextlib.contextmanager
+def claim_run_dir(run_dir: Path | None, checkpoint: dict | None, progress: Progress,
+                  config: dict) -> Iterator[None]:
+    """Process 0 takes the run folder for itself alone, forgets what the run wrote after the
+    checkpoint it resumes, and writes config.json. From then on a write that fails in the folder
+    (a full disk, say) ends the run with one line naming the file."""
+    if not MAIN_PROCESS:
+        yield
+        return
+    with lock_run_dir(run_dir):
+        if checkpoint is not None:
+            forget_after(run_dir, progress)
+        write_json(run_dir / "config.json", config)
+        try:
+            yield
+        except OSError as error:  # from the TensorBoard writer: the other writes raise UserError
+            newest = max(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime, default=None)
+            raise UserError(f"cannot write {error.filename or newest}: {error.strerror}; "
+                            f"{how_to_fix(error, '--log-dir')}") from None
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """One process per run folder: hold an exclusive lock on run_dir/.lock while training in it. The
+    kernel drops the lock when its process ends, however it ends, so a stale lock never blocks."""
+    if fcntl is None:
+        yield
+        return
+    path = run_dir / ".lock"
+    try:
+        lock_file = open(path, "a+")  # noqa: SIM115 (closed below, after the run)
+    except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
+    with lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock_file.seek(0)
+            holder = lock_file.read().strip() or "unknown"
+            raise UserError(f"run {run_dir} is in use by another process (PID {holder}); wait for it to "
+                            "end, or stop it first") from None
+        lock_file.truncate(0)
+        lock_file.write(f"{os.getpid()}\n")
+        lock_file.flush()
+        yield
+
+
+def forget_after(run_dir: Path, progress: Progress) -> None:
+    """Resuming: remove what the run wrote after the checkpoint (metrics.json, the later points of
+    every curve, the later embeddings), so that the resumed run writes each point once."""
+    (run_dir / "metrics.json").unlink(missing_ok=True)  # unfinished until it finishes anew
+    for path in run_dir.glob("events.out.tfevents.*"):
+        purge_events(path, progress.epoch, progress.step)
+    forget_embeddings_after(run_dir, progress.epoch)
+
+
+def purge_events(path: Path, epoch: int, step: int) -> None:
+    """Rewrite an event file without the points after (epoch, step), and without the HPARAMS row,
+    which the run writes anew when it finishes. TensorBoard's purge_step cannot do it: one step
+    number for all tags, while the curves per epoch and per step count differently."""
+    content = path.read_bytes()
+    kept, position = [], 0
+    while position + 12 <= len(content):  # records: length (8 bytes), its CRC (4), data, data CRC (4)
+        (length,) = struct.unpack_from("<Q", content, position)
+        end = position + 12 + length + 4
+        if end > len(content):
+            break  # a record cut short by a crash
+        if not written_after(Event.FromString(content[position + 12:end - 4]), epoch, step):
+            kept.append(content[position:end])
+        position = end
+    if sum(map(len, kept)) < len(content):
+        atomic_write(path, lambda file: file.write(b"".join(kept)))
+
+
+def written_after(event: Event, epoch: int, step: int) -> bool:
+    for value in event.summary.value:
+        if value.tag.startswith("_hparams_/"):
+            return True
+        if event.step > (step if value.tag in STEP_TAGS else epoch):
+            return True
+    return False
+
+
+def forget_embeddings_after(run_dir: Path, epoch: int) -> None:
+    """Remove the embeddings filed under epochs after `epoch` (<run>/000NN/), and their entries."""
+    config_file = run_dir / "projector_config.pbtxt"
+    if config_file.exists():
+        projector = text_format.Parse(config_file.read_text(), ProjectorConfig())
+        kept = [entry for entry in projector.embeddings if int(Path(entry.tensor_path).parts[0]) <= epoch]
+        if len(kept) < len(projector.embeddings):
+            write_projector_config(run_dir, kept)
+    for folder in run_dir.glob("[0-9]" * 5):
+        if int(folder.name) > epoch:
+            shutil.rmtree(folder)
+
+
+@contextlib.contextmanager
+def keep_earlier_embeddings(run_dir: Path) -> Iterator[None]:
+    """add_embedding rewrites projector_config.pbtxt with this session's embeddings alone: put back
+    those of the run's earlier sessions, after the new ones."""
+    config_file = run_dir / "projector_config.pbtxt"
+    earlier = text_format.Parse(config_file.read_text(), ProjectorConfig()) if config_file.exists() else None
+    yield
+    if earlier is None or not config_file.exists():
+        return
+    new = list(text_format.Parse(config_file.read_text(), ProjectorConfig()).embeddings)
+    paths = {entry.tensor_path for entry in new}
+    write_projector_config(run_dir, new + [old for old in earlier.embeddings if old.tensor_path not in paths])
+
+
+def write_projector_config(run_dir: Path, embeddings: list) -> None:
+    projector = ProjectorConfig()
+    projector.embeddings.extend(embeddings)
+    text = text_format.MessageToString(projector)
+    atomic_write(run_dir / "projector_config.pbtxt", lambda file: file.write(text.encode()))
 
 
 def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
@@ -758,7 +974,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object], elsewhere: str
     except OSError as error:
         temporary.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {error.strerror}; the previous file, if any, is kept. "
-                        f"Free some disk space or pick another {elsewhere}") from None
+                        f"{how_to_fix(error, elsewhere).capitalize()}") from None
+
+
+def how_to_fix(error: OSError, flag: str) -> str:
+    """The remedy for a failed write under the folder that `flag` names."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return f"free some disk space or pick another {flag}"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"fix its permissions or pick another {flag}"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):
+        return f"a file stands where a folder should be; pick another {flag}"
+    if error.errno == errno.ENAMETOOLONG:
+        return f"the path is too long for the filesystem; pick a shorter {flag}"
+    return f"pick another {flag}"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -778,25 +1007,38 @@ def expand_sweep(args: argparse.Namespace) -> list[argparse.Namespace]:
 
 
 def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag") -> list[dict]:
-    """Run each point of the grid in turn; a failed run is reported and the sweep goes on."""
-    results = []
+    """Run each point of the grid in turn; a failed run is reported and the sweep goes on. A signal
+    stops the run under way with its state saved; the table then lists every point all the same."""
+    results, interrupted = [], None
     for index, one_run in enumerate(runs, start=1):
-        if stop.signum is not None:
-            raise Interrupted(stop.signum)
         values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
-        report(f"\n=== Sweep run {index}/{len(runs)}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-        try:
-            metrics = run(one_run, device, None, stop) or {}
-            outcome = {"test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
-                       "status": "ok"}
-        except UserError as error:
-            report(f"error: {error}", every_node=True)
-            outcome = {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"}
+        outcome = {"test_accuracy": None, "test_loss": None, "status": "not started"}
+        if interrupted is None:
+            point = ", ".join(f"{key}={value}" for key, value in values.items())
+            report(f"\n=== Sweep run {index}/{len(runs)}: {point}")
+            try:
+                outcome = run_point(one_run, device, stop)
+            except Interrupted as stopped:
+                interrupted = stopped
+                outcome["status"] = f"stopped: --resume {stopped.run_dir}" if stopped.run_dir else "stopped"
         results.append(values | outcome)
     results.sort(key=lambda row: -1 if row["test_accuracy"] is None else row["test_accuracy"], reverse=True)
     if MAIN_PROCESS:
         write_sweep_table(results, runs[0].log_dir / f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv")
+    if interrupted is not None:
+        raise interrupted
     return results
+
+
+def run_point(one_run: argparse.Namespace, device: torch.device, stop: "StopFlag") -> dict:
+    """One point of a sweep: its final test accuracy and loss, and whether it failed."""
+    try:
+        metrics = run(one_run, device, None, stop) or {}
+    except UserError as error:
+        report(f"error: {error}", every_node=True)
+        return {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"}
+    return {"test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+            "status": "ok"}
 
 
 def write_sweep_table(results: list[dict], path: Path) -> None:
@@ -835,6 +1077,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.deferred = False
+        self.on_signal = "stopping after this step and saving the state..."  # what a deferred signal does
 
     def __enter__(self) -> "StopFlag":
         self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -852,7 +1095,7 @@ class StopFlag:
         self.signum = signum
         if not self.deferred:
             raise Interrupted(signum)
-        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving the state...")
+        tqdm.write(f"\n{signal.Signals(signum).name}: {self.on_signal}")
 
     def requested(self, step: int = 0) -> bool:
         """Has a signal asked to stop? Under torchrun the processes agree, every LOSS_EVERY steps,
@@ -1029,11 +1272,25 @@ def unit_fraction(text: str) -> float:
     return _number(float, text, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
+NAME_MAX = 255  # bytes in one file or folder name, on the usual filesystems (ext4, APFS, NTFS)
+
+
 def folder_name(text: str) -> str:
     """argparse type of --run_name: one folder inside --log_dir, never a path that leaves it."""
     if text in ("", ".", "..") or any(sep and sep in text for sep in ("/", os.sep, os.altsep)):
         raise argparse.ArgumentTypeError(f"{text!r} must be a folder name, without '/' and not '.' or '..'")
+    if len(os.fsencode(text)) > NAME_MAX:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r}... is too long: a name has at most {NAME_MAX} bytes")
     return text
+
+
+def path_flag(text: str) -> Path:
+    """argparse type of the folder and file flags: not empty, no name in it too long to exist."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give a folder or file, '.' for the current folder")
+    if any(len(os.fsencode(part)) > NAME_MAX for part in Path(text).parts):
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}... has a name longer than {NAME_MAX} bytes")
+    return Path(text)
 
 
 def available_device(name: str) -> torch.device:
@@ -1050,18 +1307,25 @@ def available_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def download_mnist(files: list[Path]) -> None:
-    """Fetch these MNIST files, gzipped, from the first mirror that has them whole (their checksums
-    are the published ones); or say where to put them by hand."""
-    for path in files:
-        report(f"Downloading {path.name} into {path.parent}")
-        content = fetch_from_mirrors(path.name)
+def download_missing(data_dir: Path, names: tuple[str, ...]) -> None:
+    """Download those of the MNIST files `names` that are not in <data_dir>/MNIST/raw/ yet, each
+    kept only if its checksum is the published one; or say which are missing and where."""
+    raw_dir = data_dir / "MNIST" / "raw"
+    missing = [name for name in names if not (raw_dir / name).exists()]
+    if missing:
+        report(f"Downloading {', '.join(missing)} into {raw_dir}")
+    failed = []
+    for name in missing:
+        content = fetch_from_mirrors(name)
         if content is None:
-            raise UserError(
-                f"MNIST not found in {path.parent} and the download failed. Put the four files "
-                f"{', '.join(MNIST_FILES)} (uncompressed) there, or point --data-dir at the folder that "
-                "holds MNIST/raw/.")
-        atomic_write(path, lambda file, content=content: file.write(content), elsewhere="--data-dir")
+            failed.append(name)
+        else:
+            atomic_write(raw_dir / name, lambda file, content=content: file.write(content),
+                         elsewhere="--data-dir")
+    if failed:
+        raise UserError(f"{', '.join(failed)} missing from {raw_dir}, and the download failed. Put the "
+                        f"file{'s' * (len(failed) > 1)} there (uncompressed), or point --data-dir at the "
+                        "folder that holds MNIST/raw/")
 
 
 def fetch_from_mirrors(name: str) -> bytes | None:

@@ -8,7 +8,10 @@ import random
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,33 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # (interruptible_data's 1,600 digits in batches of 8).
 INTERRUPTIBLE = ["--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
                  "--device", "cpu"]
+
+# --- No test downloads -------------------------------------------------------------------
+# Every process the tests start loads network_guard/sitecustomize.py, and this one installs it
+# too: a download from another machine fails as it would offline, and is logged here.
+GUARD = REPO / "tests" / "network_guard"
+os.environ["PYTHONPATH"] = os.pathsep.join([str(GUARD), *filter(None, [os.environ.get("PYTHONPATH")])])
+DOWNLOAD_LOG = Path(tempfile.mkdtemp(prefix="downloads-")) / "attempts.log"
+os.environ["TEST_DOWNLOAD_LOG"] = str(DOWNLOAD_LOG)
+sys.path.insert(0, str(GUARD))
+from sitecustomize import guarded_urlopen  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Fail the test that tried to download, unless it asks for `download_attempts` to check them."""
+    DOWNLOAD_LOG.write_text("")
+    monkeypatch.setattr(urllib.request, "urlopen", guarded_urlopen)
+    yield
+    attempts = DOWNLOAD_LOG.read_text().split()
+    if attempts and "download_attempts" not in request.fixturenames:
+        pytest.fail(f"the test tried to download {attempts[0]} (and {len(attempts) - 1} more)")
+
+
+@pytest.fixture
+def download_attempts() -> Callable[[], list[str]]:
+    """Call it for the URLs that the test has tried to download from so far (all refused)."""
+    return lambda: DOWNLOAD_LOG.read_text().split()
 
 
 # --- Data --------------------------------------------------------------------------------

@@ -2,7 +2,6 @@ import functools
 import gzip
 import hashlib
 import http.server
-import socket
 import threading
 
 import numpy as np
@@ -102,23 +101,36 @@ def test_image_grid_tiles_like_make_grid():
     assert torch.all(grid[:, :2] == 0.5) and torch.all(grid[:, 16:, 14:] == 0.5)  # padding, empty cells
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_missing_data_says_where_and_how_to_fix(tmp_path, capsys, monkeypatch):
-    # A mirror on a loopback port that nothing listens on: the download fails at once, offline or not.
-    monkeypatch.setattr(train_mnist, "MNIST_MIRRORS", (f"http://127.0.0.1:{unused_port()}/",))
-    code = train_mnist.main(["--data-dir", str(tmp_path / "nowhere"), "--log-dir", str(tmp_path / "runs")])
+@pytest.mark.parametrize("present", [(), ("train-images-idx3-ubyte",), ("train-images-idx3-ubyte",
+                                     "train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte")], ids=len)
+def test_missing_files_are_listed_in_one_line_with_where_they_belong(tmp_path, capsys, present,
+                                                                     download_attempts):
+    raw = write_mnist(tmp_path / "data") / "MNIST" / "raw"
+    for name in set(train_mnist.MNIST_FILES) - set(present):
+        (raw / name).unlink()
+    code = train_mnist.main(["--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")])
     assert code == 1
-    message = one_line_error(capsys)
-    assert message.startswith("error: MNIST not found in " + str(tmp_path / "nowhere" / "MNIST" / "raw"))
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte", "--data-dir"):
-        assert name in message
+    missing = [name for name in train_mnist.MNIST_FILES if name not in present]
+    assert one_line_error(capsys) == (
+        f"error: {', '.join(missing)} missing from {raw}, and the download failed. Put the "
+        f"file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir at the folder that holds "
+        "MNIST/raw/")
+    # Each missing file was asked of each mirror, and the guard refused it: no test downloads.
+    assert sorted(download_attempts()) == sorted(f"{mirror}{name}.gz" for mirror in train_mnist.MNIST_MIRRORS
+                                                 for name in missing)
+    assert sorted(path.name for path in raw.iterdir()) == sorted(present)
     assert not (tmp_path / "runs").exists()
+
+
+def test_evaluate_needs_only_the_test_files(tmp_path, capsys):
+    data_dir = write_mnist(tmp_path / "data")
+    assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--data-dir",
+                             str(data_dir), "--log-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 0
+    for name in train_mnist.MNIST_FILES[:2]:
+        (data_dir / "MNIST" / "raw" / name).unlink()
+    capsys.readouterr()
+    assert train_mnist.main(["--evaluate", str(tmp_path / "runs" / "r"), "--device", "cpu"]) == 0
+    assert "Test accuracy: " in capsys.readouterr().out
 
 
 class Mirror(http.server.SimpleHTTPRequestHandler):
@@ -146,7 +158,8 @@ def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(
     mirrors = (f"{base}/missing/", f"{base}/damaged/", f"{base}/good/")
     monkeypatch.setattr(train_mnist, "MNIST_MIRRORS", mirrors)
     try:
-        test_set = train_mnist.load_split(tmp_path / "data", train=False, device=CPU)  # only t10k is fetched
+        train_mnist.download_missing(tmp_path / "data", train_mnist.MNIST_FILES[2:])
+        test_set = train_mnist.load_split(tmp_path / "data", train=False, device=CPU)
         raw = tmp_path / "data" / "MNIST" / "raw"
         assert sorted(path.name for path in raw.iterdir()) == ["t10k-images-idx3-ubyte",
                                                                "t10k-labels-idx1-ubyte"]
