@@ -44,6 +44,7 @@ import math
 import pickle
 import shutil
 import struct
+import threading
 import time
 import urllib.request
 import warnings
@@ -620,13 +621,12 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
 
     def total_steps(self, epochs: int, steps_per_epoch: int) -> int:
-        """The run's steps in all: those before this epoch, then `epochs` epochs' worth at today's
-        batch size (a resumed run may change it)."""
+        """The run's steps in all: those taken before this epoch's batch 0, then the epochs left at
+        today's batch size (a resumed run may change it)."""
         return self.step - self.batch + (epochs - self.epoch) * steps_per_epoch
 
     def restart_epoch(self) -> None:
-        """Forget the batches done in the epoch under way: it starts again from its first batch."""
-        self.step -= self.batch
+        """The epoch under way starts again from its first batch; the steps already taken count."""
         self.batch, self.loss_sum = 0, 0.0
 
     def add_steps(self, step_losses: list[float], seconds: float) -> None:
@@ -844,12 +844,18 @@ def claim_run_dir(run_dir: Path | None, checkpoint: dict | None, progress: Progr
         if checkpoint is not None:
             forget_after(run_dir, progress)
         write_json(run_dir / "config.json", config)
+        # SummaryWriter writes from a thread of its own, which prints its failure as a traceback,
+        # then hands it to this thread: say it once, here, as one line.
+        threads_report = threading.excepthook
+        threading.excepthook = lambda failed: issubclass(failed.exc_type, OSError) or threads_report(failed)
         try:
             yield
         except OSError as error:  # from the TensorBoard writer: the other writes raise UserError
             newest = max(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime, default=None)
             raise UserError(f"cannot write {error.filename or newest}: {error.strerror}; "
                             f"{how_to_fix(error, '--log-dir')}") from None
+        finally:
+            threading.excepthook = threads_report
 
 
 @contextlib.contextmanager
@@ -872,9 +878,10 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
             holder = lock_file.read().strip() or "unknown"
             raise UserError(f"run {run_dir} is in use by another process (PID {holder}); wait for it to "
                             "end, or stop it first") from None
-        lock_file.truncate(0)
-        lock_file.write(f"{os.getpid()}\n")
-        lock_file.flush()
+        with contextlib.suppress(OSError):  # the PID only names the holder: a full disk is told later
+            lock_file.truncate(0)
+            lock_file.write(f"{os.getpid()}\n")
+            lock_file.flush()
         yield
 
 

@@ -122,8 +122,8 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
     assert f"Resuming {run_dir} at epoch {stopped['epoch'] + 1}, batch 0" in capsys.readouterr().out
     assert metrics_of(run_dir)["epochs"] == 5
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    # The steps really taken: 250 an epoch in one process, 125 in two.
-    steps = 250 + 125 * (stopped["epoch"] - 1) + 250 * (5 - stopped["epoch"])
+    # The steps really taken: 250 an epoch in one process, 125 in two, and those of the stopped epoch.
+    steps = 250 + 125 * (stopped["epoch"] - 1) + stopped["progress"]["batch"] + 250 * (5 - stopped["epoch"])
     assert last["epoch"] == 5 and last["world_size"] == 1 and last["global_step"] == steps
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()

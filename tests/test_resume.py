@@ -1,0 +1,246 @@
+"""--resume: flags given again win, or are refused; the records say what the run really used; a
+resumed run writes each TensorBoard point once and keeps its history; one process per run."""
+
+import itertools
+import json
+import shutil
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+import train_mnist
+from conftest import (
+    INTERRUPTIBLE,
+    assert_same_weights,
+    metrics_of,
+    one_line_error,
+    start_script,
+    train_in_process,
+    wait_for_epoch,
+    weights,
+)
+from models import MNISTNet
+
+# 320 synthetic digits in batches of 32: 10 steps an epoch, at a constant learning rate.
+FAST = ["--batch-size", "32", "--lr", "0.05", "--lr-decay", "0", "--num-embeddings", "0", "--device", "cpu"]
+CPU = torch.device("cpu")
+
+
+def config_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def event_points(run_dir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every point in the run's event files, read raw: a duplicate shows."""
+    return [(value.tag, event.step) for path in sorted(run_dir.glob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load() for value in event.summary.value]
+
+
+def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:
+    return sorted(step for point_tag, step in points if point_tag == tag)
+
+
+@pytest.fixture
+def stop_at_check(monkeypatch):
+    """stop_at_check(n): the n-th check for a signal (0-based; one before each step, one at each
+    epoch's end) finds a SIGINT, as if Ctrl-C had come then. The signal handlers are restored after."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    real_requested = train_mnist.StopFlag.requested
+
+    def stop_at(check: int) -> None:
+        checks = itertools.count()
+
+        def requested(self, step=0):
+            if next(checks) == check:
+                self.signum = signal.SIGINT
+            return real_requested(self, step)
+
+        monkeypatch.setattr(train_mnist.StopFlag, "requested", requested)
+
+    yield stop_at
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+# --- Flags given again apply after the state is loaded --------------------------------------
+
+def continue_by_hand(checkpoint: Path, data_dir: Path, epoch: int, lr: float, momentum: float,
+                     weight_decay: float, batch_size: int = 32) -> dict:
+    """The checkpoint's weights and momentum trained one more epoch with these values: plain
+    PyTorch, independent of the script's resume."""
+    state = torch.load(checkpoint, weights_only=True)
+    net = MNISTNet()
+    net.load_state_dict(state["model"])
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for index, parameter in enumerate(net.parameters()):
+        optimizer.state[parameter]["momentum_buffer"] = state["optimizer"]["state"][index]["momentum_buffer"]
+    train_set = train_mnist.load_split(data_dir, True, CPU)
+    loader = train_mnist.DeviceLoader(train_set.images, train_set.labels, batch_size, shuffle=True, seed=1)
+    loader.set_epoch(epoch)
+    net.train()
+    for images, labels in loader:
+        loss = F.cross_entropy(net(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("changes", [{"lr": 0.01}, {"momentum": 0.5}, {"weight_decay": 0.0},
+                                     {"lr": 0.02, "momentum": 0.0, "weight_decay": 0.01}], ids=str)
+def test_a_flag_given_again_applies_from_the_checkpoint_on(tmp_path, synthetic_data, changes):
+    run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "1")
+    shutil.copy(run_dir / "checkpoints" / "last.pt", tmp_path / "epoch1.pt")
+    flags = [item for key, value in changes.items() for item in (f"--{key}", str(value))]
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", *flags]) == 0
+
+    used = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4} | changes
+    assert_same_weights(weights(run_dir / "checkpoints" / "last.pt"),
+                        continue_by_hand(tmp_path / "epoch1.pt", synthetic_data, 2, **used))
+    config = config_of(run_dir)
+    assert all(config[key] == value for key, value in changes.items())
+    (session,) = config["resumed"]
+    assert session["epoch"] == 1 and session["step"] == 10
+    before = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    assert session["changed"] == {"epochs": [1, 2]} | {key: [before[key], v] for key, v in changes.items()}
+
+
+@pytest.mark.parametrize("batch_size", [16, 64])
+def test_a_new_batch_size_restarts_the_interrupted_epoch(tmp_path, synthetic_data, stop_at_check, capsys,
+                                                         batch_size):
+    """Stopped after 2 batches of epoch 2 and resumed with another batch size, the run trains all of
+    epoch 2 again in the new batches, from the weights it had reached: nothing skipped, no crash."""
+    stop_at_check(13)  # epoch 1: 10 steps and its end; then steps 0 and 1 of epoch 2
+    run_dir = tmp_path / "stopped"
+    assert train_mnist.main([*FAST, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
+                             str(tmp_path), "--run-name", "stopped"]) == 130
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["progress"]["batch"], state["global_step"]) == (1, 2, 12)
+    shutil.copy(run_dir / "checkpoints" / "last.pt", tmp_path / "stopped.pt")
+    capsys.readouterr()
+
+    assert train_mnist.main(["--resume", str(run_dir), "--batch-size", str(batch_size)]) == 0
+    assert f"Resuming {run_dir} at epoch 2, batch 0" in capsys.readouterr().out
+    by_hand = continue_by_hand(tmp_path / "stopped.pt", synthetic_data, 2, 0.05, 0.9, 5e-4, batch_size)
+    assert_same_weights(weights(run_dir / "checkpoints" / "last.pt"), by_hand)
+    steps = 12 + 320 // batch_size  # the steps taken before the stop count: the x-axis is the steps taken
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == steps
+    points = event_points(run_dir)
+    assert steps_of(points, "training loss/per step") == list(range(1, steps + 1))
+    assert steps_of(points, "training loss") == [1, 2]
+    assert config_of(run_dir)["resumed"][0]["changed"] == {"batch_size": [32, batch_size]}
+
+
+# --- What cannot be honoured is refused -------------------------------------------------
+
+@pytest.fixture
+def finished_run(tmp_path, synthetic_data) -> Path:
+    return train_in_process(synthetic_data, tmp_path, "done", *FAST, "--epochs", "1")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seed", "2"], "--seed cannot change on --resume"),
+    (["--run-name", "other"], "--run_name cannot rename a run on --resume"),
+    (["--lr", "0.1", "0.2", "--epochs", "2"], "--resume continues one run"),
+], ids=["seed", "run name", "sweep"])
+def test_flags_that_would_make_another_run_are_refused(finished_run, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.parse_args(["--resume", str(finished_run), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("key", "value"), [("lr", -5), ("epochs", 0), ("test_batch_size", 0),
+                                            ("data_dir", ""), ("momentum", "fast"), ("deterministic", "yes")])
+def test_a_bad_stored_flag_is_one_line_naming_the_checkpoint(finished_run, capsys, key, value):
+    path = finished_run / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    state["config"][key] = value
+    torch.save(state, path)
+    for flag in ("--resume", "--evaluate"):
+        assert train_mnist.main([flag, str(finished_run), "--epochs", "2"]) == 1
+        message = one_line_error(capsys)
+        assert message.startswith(f"error: {path} holds an invalid flag (argument --{key}")
+        assert message.endswith("it was changed, or not written by train_mnist.py")
+
+
+# --- A finished run reopened: each point once, the whole history kept -------------------
+
+def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_after(tmp_path, synthetic_data,
+                                                                                   capsys):
+    run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "3", "--lr", "0.01",
+                               "--num-embeddings", "8")
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] < 3  # accuracy peaked early on these easy digits
+    capsys.readouterr()
+    assert train_mnist.main(["--resume", str(run_dir / "checkpoints" / "best.pt"), "--epochs", "3"]) == 1
+    assert "has finished its 3 epochs; resume it with --epochs larger than 3" in one_line_error(capsys)
+    assert (run_dir / "metrics.json").exists()
+
+    assert train_mnist.main(["--resume", str(run_dir / "checkpoints" / "best.pt"), "--epochs", "4"]) == 0
+    points = event_points(run_dir)
+    duplicates = [point for point, count in Counter(points).items() if count > 1]
+    assert duplicates == []
+    assert steps_of(points, "training loss") == [1, 2, 3, 4]
+    assert steps_of(points, "training loss/per step") == list(range(1, 41))
+    assert steps_of(points, "confusion matrix") == [4]  # the old run's figures at epoch 3 were purged
+    assert steps_of(points, "_hparams_/session_start_info") == [0]  # one HPARAMS row
+    assert metrics_of(run_dir)["epochs"] == 4
+    # The projector: the embeddings made after the checkpoint's epoch (at epoch 3) are gone.
+    projector = (run_dir / "projector_config.pbtxt").read_text()
+    assert sorted(folder.name for folder in run_dir.glob("0000?")) == ["00004"]
+    assert "00003/" not in projector and 'tensor_path: "00004/train features/tensors.tsv"' in projector
+
+
+def test_training_a_finished_run_longer_keeps_the_earlier_embeddings(tmp_path, synthetic_data):
+    run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "1",
+                               "--num-embeddings", "8")
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--lr", "0.02"]) == 0
+    projector = (run_dir / "projector_config.pbtxt").read_text()
+    for epoch in ("00001", "00002"):
+        for tag in ("train features", "test features"):
+            assert f'tensor_path: "{epoch}/{tag}/tensors.tsv"' in projector
+            assert (run_dir / epoch / tag / "tensors.tsv").exists()
+    # The HPARAMS row says what changed, and when.
+    (session,) = [value for tag, value in hparams_values(run_dir).items() if tag == "changed on resume"]
+    assert session == "lr 0.05->0.02 at step 10; epochs 1->2 at step 10"
+
+
+def hparams_values(run_dir: Path) -> dict:
+    for path in run_dir.glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    return {key: getattr(hparam, hparam.WhichOneof("kind"))
+                            for key, hparam in data.session_start_info.hparams.items()}
+    return {}
+
+
+# --- One process per run folder ---------------------------------------------------------
+
+def test_a_second_process_on_a_run_is_refused_and_a_killed_holder_never_blocks(tmp_path, interruptible_data,
+                                                                               capsys):
+    process = start_script(*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir", str(tmp_path),
+                           "--run-name", "busy")
+    run_dir = tmp_path / "busy"
+    try:
+        wait_for_epoch(run_dir, 1, process)
+        capsys.readouterr()
+        assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 1
+        assert one_line_error(capsys) == (f"error: run {run_dir} is in use by another process "
+                                          f"(PID {process.pid}); wait for it to end, or stop it first")
+    finally:
+        process.kill()  # SIGKILL: no clean-up at all, the lock file stays behind
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert (run_dir / ".lock").read_text().strip() == str(process.pid)
+    # Unfinished: --epochs 1 only finishes it from its epoch-1 checkpoint, without training more.
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "1", "--device", "cpu"]) == 0
+    assert metrics_of(run_dir)["epochs"] == 1
