@@ -38,6 +38,7 @@ import gc
 import gzip
 import hashlib
 import http.client
+import io
 import itertools
 import json
 import math
@@ -669,12 +670,11 @@ def save_on_main(checkpoint: dict, run_dir: Path, name: str) -> None:
 
 
 def save_tensors(checkpoint: dict, file: BinaryIO) -> None:
-    """torch.save, with a write that fails part-way (on a full disk, say) raised as the OSError it is:
-    torch reports it as a RuntimeError."""
-    try:
-        torch.save(checkpoint, file)
-    except RuntimeError as error:
-        raise OSError(errno.EIO, "the write stopped part-way (is the disk full?)") from error
+    """torch.save into memory, then one write to the file: a full disk is then the OSError it is
+    (torch.save writing to a file reports it as a RuntimeError). A checkpoint is under 1 MB."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    file.write(buffer.getbuffer())
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -867,7 +867,7 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
         return
     path = run_dir / ".lock"
     try:
-        lock_file = open(path, "a+")  # noqa: SIM115 (closed below, after the run)
+        lock_file = open(path, "a+b", buffering=0)  # noqa: SIM115 (closed below, after the run)
     except OSError as error:
         raise UserError(f"cannot write {path}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
     with lock_file:
@@ -875,13 +875,12 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
             fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock_file.seek(0)
-            holder = lock_file.read().strip() or "unknown"
+            holder = lock_file.read().decode(errors="replace").strip() or "unknown"
             raise UserError(f"run {run_dir} is in use by another process (PID {holder}); wait for it to "
                             "end, or stop it first") from None
         with contextlib.suppress(OSError):  # the PID only names the holder: a full disk is told later
             lock_file.truncate(0)
-            lock_file.write(f"{os.getpid()}\n")
-            lock_file.flush()
+            lock_file.write(f"{os.getpid()}\n".encode())
         yield
 
 
@@ -1102,7 +1101,7 @@ class StopFlag:
         self.signum = signum
         if not self.deferred:
             raise Interrupted(signum)
-        tqdm.write(f"\n{signal.Signals(signum).name}: {self.on_signal}")
+        tqdm.write(f"\n{signal.Signals(signum).name}: {self.on_signal}", file=sys.stderr)
 
     def requested(self, step: int = 0) -> bool:
         """Has a signal asked to stop? Under torchrun the processes agree, every LOSS_EVERY steps,

@@ -1,6 +1,9 @@
 """Bad input, corrupt data, divergence, signals, failing disks, name collisions, and a soak."""
 
 import collections
+import contextlib
+import errno
+import io
 import os
 import random
 import re
@@ -24,7 +27,9 @@ from conftest import (
     metrics_of,
     one_line_error,
     run_script,
+    script_command,
     start_script,
+    wait_for_epoch,
     weights,
     write_idx,
     write_mnist,
@@ -53,6 +58,23 @@ def test_run_name_is_one_folder_inside_the_log_dir(name, capsys):
         train_mnist.parse_args(["--run-name", name])
     assert exit_info.value.code == 2
     assert f"argument --run_name/--run-name: {name!r} must be a folder name" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--data-dir", ""], "argument --data_dir/--data-dir: an empty path"),
+    (["--log-dir", ""], "argument --log_dir/--log-dir: an empty path"),
+    (["--resume", ""], "argument --resume: an empty path"),
+    (["--run-name", "x" * 256], "is too long: a name has at most 255 bytes"),
+    (["--log-dir", "runs/" + "x" * 256], "has a name longer than 255 bytes"),
+], ids=["data dir", "log dir", "resume", "run name", "log dir name"])
+def test_empty_paths_and_names_too_long_are_refused_before_anything_is_made(flags, message, capsys,
+                                                                             tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_largest_seed_trains_and_a_larger_one_is_refused(tmp_path, synthetic_data, capsys):
@@ -125,18 +147,42 @@ def test_verify_data_accepts_the_real_mnist_and_names_a_changed_file(tmp_path, r
 
 def test_divergence_stops_within_the_epoch_with_advice_and_no_checkpoint(tmp_path, synthetic_data, capsys):
     log_dir = tmp_path / "runs"
-    # 320 digits in batches of 4: 80 steps an epoch, so the check every 50 steps stops it midway
-    code = train_mnist.main([*SMALL, "--lr", "1e6", "--batch-size", "4", "--data-dir", str(synthetic_data),
-                             "--log-dir", str(log_dir), "--run-name", "boom"])
-    assert code == 1
+    argv = [*SMALL, "--lr", "1e6", "--batch-size", "4", "--data-dir", str(synthetic_data), "--log-dir",
+            str(log_dir), "--run-name", "boom"]
+    assert train_mnist.main(argv) == 1
     message = one_line_error(capsys)
     assert "diverged in epoch 1" in message and "smaller --lr" in message and "1e+06" in message
     run_dir = log_dir / "boom"
     assert not (run_dir / "metrics.json").exists()
     assert not (run_dir / "checkpoints").exists()  # nothing non-finite was ever saved
+    # The same command again: the folder it left holds nothing to resume, and the message says so.
+    assert train_mnist.main(argv) == 1
+    assert one_line_error(capsys) == (f"error: run {run_dir} already exists, without a checkpoint to resume "
+                                      "(it stopped before its first epoch ended); delete it or pick another "
+                                      "--run-name")
+
+
+def test_divergence_in_a_long_epoch_stops_within_50_steps_and_keeps_the_finite_checkpoints(
+        tmp_path, interruptible_data, capsys):
+    """Epochs of 200 steps: one at a sane rate, then the resumed run blows up at --lr 1e6 and
+    stops at the first check, 50 steps in; both checkpoints still hold epoch 1's finite weights."""
+    run_dir = tmp_path / "run"
+    assert train_mnist.main([*INTERRUPTIBLE, "--epochs", "1", "--data-dir", str(interruptible_data),
+                             "--log-dir", str(tmp_path), "--run-name", "run"]) == 0
+    capsys.readouterr()
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--lr", "1e6"]) == 1
+    message = one_line_error(capsys)
+    assert "diverged in epoch 2" in message and "this run used 1e+06" in message
+    for name in ("last", "best"):
+        state = torch.load(run_dir / "checkpoints" / f"{name}.pt", weights_only=True)
+        assert state["epoch"] == 1 and state["global_step"] == STEPS_PER_EPOCH
+        assert all(tensor.isfinite().all() for tensor in state["model"].values())
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    assert len(events.Scalars("training loss/per step")) == 50  # the logs so far were flushed
+    steps = [event.step for event in events.Scalars("training loss/per step")]
+    assert steps == list(range(1, STEPS_PER_EPOCH + 51))  # the epoch's first 50 steps, then it stopped
+    assert not (run_dir / "metrics.json").exists()
 
 
 def test_best_checkpoint_is_never_saved_with_non_finite_weights(
@@ -157,6 +203,38 @@ def test_best_checkpoint_is_never_saved_with_non_finite_weights(
 
 
 # --- Signals -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("signum", "delay"), [(signal.SIGINT, 0.1), (signal.SIGTERM, 0.4),
+                                               (signal.SIGINT, 0.8)])
+def test_a_signal_while_the_libraries_load_is_one_line(tmp_path, synthetic_data, signum, delay):
+    process = start_script(*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path))
+    time.sleep(delay)  # within the imports, which take longer than this on any machine
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    assert err.strip() == f"Stopped by {signal.Signals(signum).name}; nothing was in progress."
+    assert out == "" and list(tmp_path.iterdir()) == [synthetic_data]
+
+
+def test_a_signal_during_the_final_logging_finishes_without_the_rest(tmp_path, interruptible_data):
+    run_dir = tmp_path / "run"
+    process = start_script("--epochs", "1", "--batch-size", "8", "--num-embeddings", "1600", "--device",
+                           "cpu", "--data-dir", str(interruptible_data), "--log-dir", str(tmp_path),
+                           "--run-name", "run")
+    try:
+        wait_for_epoch(run_dir, 1, process)  # the last epoch is saved: the figures come next
+        time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    assert "SIGINT: the training is over and saved; finishing without the figures and embeddings left" in err
+    assert err.rstrip().endswith("Stopped by SIGINT as the run finished.")
+    assert "Test accuracy: " in out
+    assert metrics_of(run_dir)["epochs"] == 1  # finished: its metrics and HPARAMS row are written
+    assert not (run_dir / "00001" / "test features").exists()  # the embeddings left were skipped
 
 # --- Disk --------------------------------------------------------------------------------
 
@@ -186,34 +264,100 @@ def test_unwritable_run_folder_is_reported_before_training(tmp_path, synthetic_d
     assert not list((tmp_path / "ro").glob("events.out.tfevents.*"))  # no training, no logs
 
 
-# torch.save raises OSError when the file cannot be opened, and RuntimeError when a write fails
-# part-way, as on a full disk ("[enforce fail at inline_container.cc] unexpected pos").
-@pytest.mark.parametrize(("failure", "reason"), [
-    (OSError(28, "No space left on device"), "No space left on device"),
-    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
-     "the write stopped part-way (is the disk full?)"),
-], ids=["OSError", "RuntimeError"])
+class FullDisk(io.FileIO):
+    """A file on a disk that fills up: half of the first write lands, then ENOSPC."""
+
+    def write(self, data: bytes) -> int:
+        super().write(bytes(data)[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_failing_checkpoint_write_is_reported_and_the_previous_one_survives(
-        tmp_path, synthetic_data, monkeypatch, capsys, failure, reason):
-    real_save = torch.save
+        tmp_path, synthetic_data, monkeypatch, capsys):
+    """Where no small real disk can be made (see the next test), the write fails as it does there."""
+    opened = collections.Counter()
 
-    def full_disk_after_epoch_one(obj, file):
-        if obj["epoch"] >= 2:
-            file.write(b"partial")
-            raise failure
-        real_save(obj, file)
+    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
+        opened[Path(path).name] += 1
+        if Path(path).name == ".last.pt.tmp" and opened[".last.pt.tmp"] == 2:  # epoch 2's save
+            return FullDisk(path, "w")
+        return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(train_mnist.torch, "save", full_disk_after_epoch_one)
+    monkeypatch.setattr(train_mnist, "open", open_on_a_filling_disk, raising=False)
     code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
                              "--run-name", "full"])
     monkeypatch.undo()
     assert code == 1
     message = one_line_error(capsys)
-    assert f"last.pt: {reason}; the previous file, if any, is kept" in message
+    assert "last.pt: No space left on device; the previous file, if any, is kept" in message
     last = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert not (tmp_path / "full" / "metrics.json").exists()
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def unshare_works() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    except OSError:
+        return False
+    return probe.returncode == 0
+
+
+def on_a_small_disk(tmp_path: Path, *argv: str, fill_first: bool = False) -> tuple[subprocess.Popen, Path]:
+    """The script with its --log-dir on a real 4 MB filesystem (a tmpfs in a mount namespace of
+    its own), optionally full from the start. Returns the process and the run folder as this test
+    sees it while the process lives (/proc/PID/root/...); when it ends, the disk's content is
+    copied to tmp_path/after."""
+    disk, after = tmp_path / "disk", tmp_path / "after"
+    disk.mkdir()
+    after.mkdir()
+    fill = 'cat /dev/zero > "$disk/filler" 2>/dev/null; ' if fill_first else ""
+    shell = ('disk=$1; after=$2; shift 2; mount -t tmpfs -o size=4m tmpfs "$disk" || exit 99; ' + fill +
+             '"$@"; code=$?; cp -a "$disk/." "$after"; exit $code')
+    command = ["unshare", "--mount", "sh", "-c", shell, "sh", str(disk), str(after),
+               *script_command(*argv, "--log-dir", str(disk), "--run-name", "run")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process, Path(f"/proc/{process.pid}/root{disk}") / "run"
+
+
+def fill_up(run_dir: Path, leave: int) -> None:
+    """Fill the run's disk, then free `leave` bytes."""
+    filler = run_dir.parent / "filler"
+    with open(filler, "wb", buffering=0) as file, contextlib.suppress(OSError):
+        while True:
+            file.write(bytes(1 << 16))
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+@pytest.mark.skipif(not unshare_works(), reason="needs `unshare --mount` (root) for a real small disk; "
+                    "the tests above fail the writes the way they fail on a full disk")
+@pytest.mark.parametrize(("when", "leave", "failing"), [
+    ("before the run", 0, "config.json"),
+    ("after epoch 1", 0, "events.out.tfevents"),
+    ("after epoch 1", 300_000, "checkpoints/last.pt"),  # an epoch's logs fit (140 kB), not a checkpoint
+], ids=["config.json", "event file", "checkpoint"])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint_survives(
+        tmp_path, interruptible_data, when, leave, failing):
+    process, run_dir = on_a_small_disk(tmp_path, *INTERRUPTIBLE, "--data-dir", str(interruptible_data),
+                                       fill_first=when == "before the run")
+    try:
+        if when == "after epoch 1":
+            wait_for_epoch(run_dir, 1, process)
+            fill_up(run_dir, leave)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Epoch ")]  # no bars
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: cannot write {tmp_path / 'disk' / 'run'}/{failing}")
+    assert "No space left on device" in lines[0] and "free some disk space" in lines[0].lower()
+    after = tmp_path / "after" / "run"
+    assert not list(after.rglob("*.tmp"))  # no temporary file left taking the space
+    if when == "after epoch 1":
+        assert torch.load(after / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (after / "metrics.json").exists()
 
 
 # --- Collisions --------------------------------------------------------------------------
