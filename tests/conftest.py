@@ -2,9 +2,11 @@
 and the ways the tests start the script: in-process through main(), or as a real process when
 the process itself is under test (its exit code, its console, its signals, torchrun)."""
 
+import itertools
 import json
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -241,3 +243,25 @@ def uninterrupted_run(interruptible_data: Path, tmp_path_factory: pytest.TempPat
     """The INTERRUPTIBLE run, left alone: what every interrupted and resumed copy must equal."""
     return train_in_process(interruptible_data, tmp_path_factory.mktemp("reference"), "reference",
                             *INTERRUPTIBLE)
+
+
+@pytest.fixture
+def stop_at_check(monkeypatch):
+    """stop_at_check(n): the n-th check for a signal (0-based; one before each step, one at each
+    epoch's end) finds a SIGINT, as if Ctrl-C had come then. The signal handlers are restored after."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    real_requested = train_mnist.StopFlag.requested
+
+    def stop_at(check: int) -> None:
+        checks = itertools.count()
+
+        def requested(self, step=0):
+            if next(checks) == check:
+                self.signum = signal.SIGINT
+            return real_requested(self, step)
+
+        monkeypatch.setattr(train_mnist.StopFlag, "requested", requested)
+
+    yield stop_at
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)

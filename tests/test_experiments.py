@@ -222,6 +222,25 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
 
 
+def test_an_interrupted_sweep_still_writes_its_table_with_every_point(tmp_path, synthetic_data, stop_at_check,
+                                                                      capsys):
+    stop_at_check(15)  # run 1: 10 steps and its end; run 2 stops before its step 4
+    argv = [*FAST, "--lr", "0.05", "0.02", "0.01", "--epochs", "1", "--data-dir", str(synthetic_data),
+            "--log-dir", str(tmp_path / "runs")]
+    assert train_mnist.main(argv) == 130
+    (table,) = (tmp_path / "runs").glob("sweep-*.csv")
+    with open(table) as file:
+        rows = {row["lr"]: row for row in csv.DictReader(file)}
+    stopped = json.loads(next((tmp_path / "runs").glob("*lr0.02*/config.json")).read_text())["run_dir"]
+    assert rows["0.05"]["status"] == "ok" and float(rows["0.05"]["test_accuracy"]) > 0.5
+    assert rows["0.02"]["status"] == f"stopped: --resume {stopped}" and rows["0.02"]["test_accuracy"] == ""
+    assert rows["0.01"]["status"] == "not started"
+    out, err = capsys.readouterr()
+    assert "Sweep results, best first" in out and "not started" in out
+    assert f"Resume with: python train_mnist.py --resume {stopped}" in err
+    assert torch.load(Path(stopped) / "checkpoints" / "last.pt", weights_only=True)["progress"]["batch"] == 4
+
+
 def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, capsys):
     run_dir = train_run(synthetic_data, tmp_path, "done", "--epochs", "1", "--num-embeddings", "8")
     capsys.readouterr()

@@ -1,7 +1,6 @@
 """--resume: flags given again win, or are refused; the records say what the run really used; a
 resumed run writes each TensorBoard point once and keeps its history; one process per run."""
 
-import itertools
 import json
 import shutil
 import signal
@@ -44,28 +43,6 @@ def event_points(run_dir: Path) -> list[tuple[str, int]]:
 
 def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:
     return sorted(step for point_tag, step in points if point_tag == tag)
-
-
-@pytest.fixture
-def stop_at_check(monkeypatch):
-    """stop_at_check(n): the n-th check for a signal (0-based; one before each step, one at each
-    epoch's end) finds a SIGINT, as if Ctrl-C had come then. The signal handlers are restored after."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    real_requested = train_mnist.StopFlag.requested
-
-    def stop_at(check: int) -> None:
-        checks = itertools.count()
-
-        def requested(self, step=0):
-            if next(checks) == check:
-                self.signum = signal.SIGINT
-            return real_requested(self, step)
-
-        monkeypatch.setattr(train_mnist.StopFlag, "requested", requested)
-
-    yield stop_at
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
 
 
 # --- Flags given again apply after the state is loaded --------------------------------------

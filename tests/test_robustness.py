@@ -241,11 +241,16 @@ def test_a_signal_during_the_final_logging_finishes_without_the_rest(tmp_path, i
 def test_unusable_log_dir_is_reported_before_training(tmp_path, synthetic_data, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    for log_dir in (blocker, blocker / "runs"):
+    too_long = tmp_path.joinpath(*["x" * 250] * 20)  # each name allowed, the whole path too long
+    for log_dir, fix in ((blocker, "a file stands where a folder should be; pick another --log-dir"),
+                         (blocker / "runs", "a file stands where a folder should be; pick another --log-dir"),
+                         (too_long, "the path is too long for the filesystem; pick a shorter --log-dir")):
         code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(log_dir)])
         assert code == 1
         message = one_line_error(capsys)
-        assert f"cannot create a run folder in {log_dir}" in message and "--log-dir" in message
+        assert message.startswith(f"error: cannot create a run folder in {log_dir}: ")
+        assert message.endswith(fix)
+        assert "permissions" not in message
 
 
 def test_unwritable_run_folder_is_reported_before_training(tmp_path, synthetic_data, monkeypatch, capsys):
