@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from google.protobuf import text_format
+from google.protobuf.message import DecodeError
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.nn.parallel import DistributedDataParallel
@@ -904,7 +905,11 @@ def purge_events(path: Path, epoch: int, step: int) -> None:
         end = position + 12 + length + 4
         if end > len(content):
             break  # a record cut short by a crash
-        if not written_after(Event.FromString(content[position + 12:end - 4]), epoch, step):
+        try:
+            event = Event.FromString(content[position + 12:end - 4])
+        except DecodeError:
+            break  # a damaged record: TensorBoard would stop reading here too
+        if not written_after(event, epoch, step):
             kept.append(content[position:end])
         position = end
     if sum(map(len, kept)) < len(content):
@@ -922,29 +927,41 @@ def written_after(event: Event, epoch: int, step: int) -> bool:
 
 def forget_embeddings_after(run_dir: Path, epoch: int) -> None:
     """Remove the embeddings filed under epochs after `epoch` (<run>/000NN/), and their entries."""
-    config_file = run_dir / "projector_config.pbtxt"
-    if config_file.exists():
-        projector = text_format.Parse(config_file.read_text(), ProjectorConfig())
-        kept = [entry for entry in projector.embeddings if int(Path(entry.tensor_path).parts[0]) <= epoch]
-        if len(kept) < len(projector.embeddings):
-            write_projector_config(run_dir, kept)
-    for folder in run_dir.glob("[0-9]" * 5):
-        if int(folder.name) > epoch:
+    embeddings = projector_entries(run_dir)
+    kept = [entry for entry in embeddings if not later_than(entry.tensor_path.split("/")[0], epoch)]
+    if len(kept) < len(embeddings):
+        write_projector_config(run_dir, kept)
+    for folder in run_dir.iterdir():
+        if folder.is_dir() and later_than(folder.name, epoch):
             shutil.rmtree(folder)
+
+
+def later_than(folder_name: str, epoch: int) -> bool:
+    return folder_name.isdigit() and int(folder_name) > epoch
 
 
 @contextlib.contextmanager
 def keep_earlier_embeddings(run_dir: Path) -> Iterator[None]:
     """add_embedding rewrites projector_config.pbtxt with this session's embeddings alone: put back
     those of the run's earlier sessions, after the new ones."""
-    config_file = run_dir / "projector_config.pbtxt"
-    earlier = text_format.Parse(config_file.read_text(), ProjectorConfig()) if config_file.exists() else None
+    earlier = projector_entries(run_dir)
     yield
-    if earlier is None or not config_file.exists():
-        return
-    new = list(text_format.Parse(config_file.read_text(), ProjectorConfig()).embeddings)
+    new = projector_entries(run_dir)
     paths = {entry.tensor_path for entry in new}
-    write_projector_config(run_dir, new + [old for old in earlier.embeddings if old.tensor_path not in paths])
+    if earlier and new:
+        write_projector_config(run_dir, new + [old for old in earlier if old.tensor_path not in paths])
+
+
+def projector_entries(run_dir: Path) -> list:
+    """The embeddings listed in the run's projector_config.pbtxt (none without one)."""
+    config_file = run_dir / "projector_config.pbtxt"
+    if not config_file.exists():
+        return []
+    try:
+        return list(text_format.Parse(config_file.read_text(), ProjectorConfig()).embeddings)
+    except (OSError, text_format.ParseError):
+        raise UserError(f"{config_file} is damaged; delete it (the projector then shows the new "
+                        "embeddings only)") from None
 
 
 def write_projector_config(run_dir: Path, embeddings: list) -> None:
