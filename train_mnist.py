@@ -170,38 +170,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     return args, checkpoint
 
 
-def stored_flags(checkpoint: dict) -> dict:
-    """The flags of a checkpoint's run, each through the same check as on the command line."""
-    saved = checkpoint["config"]
-    argv = []
-    for key in (key for key in RESUMED_FLAGS if key in saved):
-        if key == "deterministic":
-            argv.append({True: "--deterministic", False: "--no-deterministic"}.get(saved[key],
-                                                                                f"--deterministic={saved[key]}"))
-        else:
-            argv += [f"--{key}", str(saved[key])]
-    try:
-        stored, unknown = build_parser(exit_on_error=False).parse_known_args(argv)
-        if unknown:
-            raise argparse.ArgumentError(None, f"unexpected {' '.join(unknown)}")
-    except argparse.ArgumentError as error:
-        raise UserError(f"{checkpoint['path']} holds an invalid flag ({error}): it was changed, or not "
-                        "written by train_mnist.py") from None
-    return {key: getattr(stored, key) for key in RESUMED_FLAGS if key in saved}
-
-
-def refuse_unresumable(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
-    """--resume honours every flag given again, except those that would make it another run."""
-    if any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
-        parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
-    saved_seed = checkpoint["config"].get("seed", args.seed)
-    if args.seed != saved_seed:
-        parser.error(f"--seed cannot change on --resume: it chose the run's initial weights and its "
-                     f"batch order (this run has seed {saved_seed}); start a new run for another seed")
-    if args.run_name is not None and args.run_name != run_dir_of(checkpoint).name:
-        parser.error(f"--run_name cannot rename a run on --resume: it continues in {run_dir_of(checkpoint)}")
-
-
 # --- Data: each split is read once and lives as one normalized tensor on the device -------
 
 
@@ -367,7 +335,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
     model_without_ddp = MNISTNet().to(device)
     optimizer = torch.optim.SGD(model_without_ddp.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
-    stop.deferred = True  # from here on a signal is honoured at a safe point, with the state saved
+    stop.on_signal = stop.SAVE  # from here on a signal is honoured at a safe point, with the state saved
     if checkpoint is None:
         progress, run_dir = Progress(), make_run_dir(args) if MAIN_PROCESS else None
     else:  # the saved state, then the flags given again
@@ -428,7 +396,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
             evaluation = test(model_without_ddp, test_loader)
         if not writer:
             return None
-        stop.on_signal = "the training is over and saved; finishing without the figures and embeddings left"
+        stop.on_signal = stop.FINISH  # a signal now skips the figures and embeddings not made yet
         metrics = log_results(writer, model_without_ddp, config, progress, evaluation, train_set, test_set,
                               stop)
         write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
@@ -703,6 +671,38 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def stored_flags(checkpoint: dict) -> dict:
+    """The flags of a checkpoint's run, each through the same check as on the command line."""
+    saved = checkpoint["config"]
+    argv = []
+    for key in (key for key in RESUMED_FLAGS if key in saved):
+        if key == "deterministic":
+            argv.append({True: "--deterministic", False: "--no-deterministic"}.get(saved[key],
+                                                                                f"--deterministic={saved[key]}"))
+        else:
+            argv += [f"--{key}", str(saved[key])]
+    try:
+        stored, unknown = build_parser(exit_on_error=False).parse_known_args(argv)
+        if unknown:
+            raise argparse.ArgumentError(None, f"unexpected {' '.join(unknown)}")
+    except argparse.ArgumentError as error:
+        raise UserError(f"{checkpoint['path']} holds an invalid flag ({error}): it was changed, or not "
+                        "written by train_mnist.py") from None
+    return {key: getattr(stored, key) for key in RESUMED_FLAGS if key in saved}
+
+
+def refuse_unresumable(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
+    """--resume honours every flag given again, except those that would make it another run."""
+    if any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
+        parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
+    saved_seed = checkpoint["config"].get("seed", args.seed)
+    if args.seed != saved_seed:
+        parser.error(f"--seed cannot change on --resume: it chose the run's initial weights and its "
+                     f"batch order (this run has seed {saved_seed}); start a new run for another seed")
+    if args.run_name is not None and args.run_name != run_dir_of(checkpoint).name:
+        parser.error(f"--run_name cannot rename a run on --resume: it continues in {run_dir_of(checkpoint)}")
+
+
 def restore_model(net: MNISTNet, checkpoint: dict) -> None:
     try:
         net.load_state_dict(checkpoint["model"])
@@ -841,22 +841,22 @@ def claim_run_dir(run_dir: Path | None, checkpoint: dict | None, progress: Progr
     if not MAIN_PROCESS:
         yield
         return
-    with lock_run_dir(run_dir):
-        if checkpoint is not None:
-            forget_after(run_dir, progress)
-        write_json(run_dir / "config.json", config)
-        # SummaryWriter writes from a thread of its own, which prints its failure as a traceback,
-        # then hands it to this thread: say it once, here, as one line.
-        threads_report = threading.excepthook
-        threading.excepthook = lambda failed: issubclass(failed.exc_type, OSError) or threads_report(failed)
-        try:
+    # SummaryWriter writes from a thread of its own, which prints its failure as a traceback,
+    # then hands it to this thread: say it once, here, as one line.
+    threads_report = threading.excepthook
+    threading.excepthook = lambda failed: issubclass(failed.exc_type, OSError) or threads_report(failed)
+    try:
+        with lock_run_dir(run_dir):
+            if checkpoint is not None:
+                forget_after(run_dir, progress)
+            write_json(run_dir / "config.json", config)
             yield
-        except OSError as error:  # from the TensorBoard writer: the other writes raise UserError
-            newest = max(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime, default=None)
-            raise UserError(f"cannot write {error.filename or newest}: {error.strerror}; "
-                            f"{how_to_fix(error, '--log-dir')}") from None
-        finally:
-            threading.excepthook = threads_report
+    except OSError as error:  # the TensorBoard writer's, or a file that cannot be read or removed
+        newest = max(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime, default=None)
+        raise UserError(f"cannot write {error.filename or newest}: {error.strerror}; "
+                        f"{how_to_fix(error, '--log-dir')}") from None
+    finally:
+        threading.excepthook = threads_report
 
 
 @contextlib.contextmanager
@@ -1090,17 +1090,20 @@ class Interrupted(Exception):
 class StopFlag:
     """SIGINT and SIGTERM, handled for the whole program.
 
-    While a run is under way (`deferred`), a signal only asks to stop: training honours it
-    between two steps by saving the state and raising Interrupted, so the saved state is
-    always consistent and no library is interrupted halfway. Before a run has a folder there
-    is nothing to save, and the signal raises Interrupted at once. Once stopping, further
-    signals change nothing, so a second Ctrl-C cannot break a checkpoint being written.
+    While a run is under way (`on_signal` says what a signal then does), a signal only asks to
+    stop: training honours it between two steps by saving the state and raising Interrupted, so
+    the saved state is always consistent and no library is interrupted halfway; the final
+    logging skips what it has not made yet. Before a run has a folder there is nothing to save,
+    and the signal raises Interrupted at once. Once stopping, further signals change nothing,
+    so a second Ctrl-C cannot break a checkpoint being written.
     """
+
+    SAVE = "stopping after this step and saving the state..."
+    FINISH = "the training is over and saved; finishing without the figures and embeddings left"
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.deferred = False
-        self.on_signal = "stopping after this step and saving the state..."  # what a deferred signal does
+        self.on_signal: str | None = None  # None: a signal stops at once
 
     def __enter__(self) -> "StopFlag":
         self.previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -1116,7 +1119,7 @@ class StopFlag:
         if self.signum is not None:
             return
         self.signum = signum
-        if not self.deferred:
+        if self.on_signal is None:
             raise Interrupted(signum)
         tqdm.write(f"\n{signal.Signals(signum).name}: {self.on_signal}", file=sys.stderr)
 

@@ -202,6 +202,7 @@ def hparams_values(run_dir: Path) -> dict:
 
 # --- One process per run folder ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_is_refused_and_a_killed_holder_never_blocks(tmp_path, interruptible_data,
                                                                                capsys):
     process = start_script(*INTERRUPTIBLE, "--data-dir", str(interruptible_data), "--log-dir", str(tmp_path),

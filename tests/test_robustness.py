@@ -204,6 +204,7 @@ def test_best_checkpoint_is_never_saved_with_non_finite_weights(
 
 # --- Signals -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("signum", "delay"), [(signal.SIGINT, 0.1), (signal.SIGTERM, 0.4),
                                                (signal.SIGINT, 0.8)])
 def test_a_signal_while_the_libraries_load_is_one_line(tmp_path, synthetic_data, signum, delay):
@@ -216,6 +217,7 @@ def test_a_signal_while_the_libraries_load_is_one_line(tmp_path, synthetic_data,
     assert out == "" and list(tmp_path.iterdir()) == [synthetic_data]
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_final_logging_finishes_without_the_rest(tmp_path, interruptible_data):
     run_dir = tmp_path / "run"
     process = start_script("--epochs", "1", "--batch-size", "8", "--num-embeddings", "1600", "--device",
@@ -335,6 +337,7 @@ def fill_up(run_dir: Path, leave: int) -> None:
     os.truncate(filler, max(0, filler.stat().st_size - leave))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not unshare_works(), reason="needs `unshare --mount` (root) for a real small disk; "
                     "the tests above fail the writes the way they fail on a full disk")
 @pytest.mark.parametrize(("when", "leave", "failing"), [
