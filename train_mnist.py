@@ -1421,4 +1421,10 @@ def stop_if_diverged(net: MNISTNet, loss_sum: float, epoch: int, lr: float) -> N
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's teardown: Python puts the default signal handlers back for
+    # it, and a Ctrl-C in that last moment would end the process without a word. Everything is
+    # written and closed by now.
+    os._exit(exit_code)
