@@ -60,6 +60,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
+from PIL import Image, ImageOps
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.nn.parallel import DistributedDataParallel
@@ -82,9 +83,10 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")  # in torchvision's layout: <--data_dir>/MNIST/raw/<name>
 SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of these run a grid
-HPARAMS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "deterministic")  # the HPARAMS columns
+HPARAMS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "deterministic", "val_size", "patience")
 # Flags a resumed run takes from its checkpoint unless they are given again.
 RESUMED_FLAGS = (*HPARAMS, "test_batch_size", "num_embeddings", "data_dir")
+VALIDATION_SEED = 0  # seeds the choice of the --val_size held-out images: the same for every run
 STEP_TAGS = ("training loss/per step", "learning rate")  # logged per step; the other tags per epoch
 LOSS_EVERY = 50  # steps between two reads of the loss: progress bar, divergence and stop checks
 
@@ -128,12 +130,18 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         help="use only deterministic algorithms (bit-reproducible on one GPU too, a little slower)")
     add("--device", type=available_device, default="auto", metavar="{auto,cpu,cuda,mps}",
         help="where to train; auto takes CUDA if available, else MPS, else the CPU")
+    add("--patience", type=non_negative_int, default=0, metavar="K",
+        help="stop when validation accuracy has not improved for K epochs (0: off)")
     add("--test_batch_size", "--test-batch-size", type=positive_int, default=1000, metavar="N",
         help="images per evaluation batch")
 
     add = parser.add_argument_group("data").add_argument
     add("--data_dir", "--data-dir", type=path_flag, default=Path("data"), metavar="DIR",
         help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if absent")
+    add("--val_size", "--val-size", type=non_negative_int, default=5000, metavar="N",
+        help="training images held out for validation, the same ones in every run: every epoch is "
+             "scored on them and best.pt chosen by them; the test set is used once, at the end (0: "
+             "train on all and monitor on the test set)")
     add("--verify_data", "--verify-data", action="store_true",
         help="check the MNIST files against the published checksums before using them")
 
@@ -150,6 +158,14 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         help="continue the run of this checkpoint (or run folder) up to --epochs")
     add("--evaluate", type=path_flag, default=None, metavar="PATH",
         help="only test this checkpoint (or a run folder's last.pt) and print its accuracy")
+
+    add = parser.add_argument_group("predict your own images").add_argument
+    add("--predict", type=path_flag, nargs="+", default=None, metavar="IMG",
+        help="images (or folders of them) to read as digits with --checkpoint; nothing is written")
+    add("--checkpoint", type=path_flag, default=None, metavar="PATH",
+        help="the model for --predict: a checkpoint, or a run folder (its best.pt)")
+    add("--save_inputs", "--save-inputs", type=path_flag, default=None, metavar="DIR",
+        help="with --predict: also write each image as the model saw it, 28x28, as a PNG in DIR")
     return parser
 
 
@@ -158,8 +174,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     config gives the flags not given again."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resume and args.evaluate:
-        parser.error("--resume and --evaluate exclude each other")
+    if sum(map(bool, (args.resume, args.evaluate, args.predict))) > 1:
+        parser.error("--resume, --evaluate and --predict exclude each other")
+    if bool(args.predict) != bool(args.checkpoint) or (args.save_inputs and not args.predict):
+        parser.error("--predict needs --checkpoint (and --checkpoint and --save_inputs need --predict)")
+    if args.predict:
+        return args, load_checkpoint(args.checkpoint, in_run_dir="best.pt")
     if not (args.resume or args.evaluate):
         return args, None
     checkpoint = load_checkpoint(args.resume or args.evaluate)  # UserError: main() reports it
@@ -185,6 +205,24 @@ def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool =
     images_file, labels_file = (raw_dir / name for name in (MNIST_FILES[:2] if train else MNIST_FILES[2:]))
     raw_images, labels = read_mnist(images_file, labels_file, verify)  # a damaged file is one clear line
     return Split(raw_images, normalize(raw_images.to(device)), labels.long().to(device))
+
+
+def hold_out(train_set: Split, count: int) -> tuple[Split, Split | None]:
+    """(training, validation): `count` training images held out, the same ones for every run, seed
+    and number of processes, since VALIDATION_SEED alone chooses them. None without validation."""
+    if count == 0:
+        return train_set, None
+    total = len(train_set.labels)
+    if count >= total:
+        raise UserError(f"--val_size {count} leaves none of the {total} training images to train on; "
+                        "give a smaller --val_size")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(VALIDATION_SEED))
+    return subset(train_set, order[count:].sort().values), subset(train_set, order[:count].sort().values)
+
+
+def subset(split: Split, indices: torch.Tensor) -> Split:
+    on_device = indices.to(split.labels.device)
+    return Split(split.raw[indices], split.images[on_device], split.labels[on_device])
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -323,10 +361,15 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
     holds single values: a sweep calls run() once per point of its grid."""
     with main_process_first():  # under torchrun only process 0 downloads; the others wait for it
         download_missing(args.data_dir, MNIST_FILES)
-    train_set = load_split(args.data_dir, True, device, args.verify_data)
+    all_train = load_split(args.data_dir, True, device, args.verify_data)
+    train_set, validation_set = hold_out(all_train, args.val_size)
     test_set = load_split(args.data_dir, False, device, args.verify_data)
+    # Every epoch is scored on the validation set, and best.pt chosen by it; the test set is used
+    # once, at the end. With --val_size 0 the test set takes the validation set's place.
+    monitor, monitored = ("validation", validation_set) if validation_set else ("test", test_set)
     train_loader = DeviceLoader(train_set.images, train_set.labels, args.batch_size, shuffle=True,
                                 seed=args.seed)
+    monitor_loader = DeviceLoader(monitored.images, monitored.labels, args.test_batch_size)
     test_loader = DeviceLoader(test_set.images, test_set.labels, args.test_batch_size)
     steps_per_epoch = len(train_loader)
 
@@ -340,6 +383,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
         progress, run_dir = Progress(), make_run_dir(args) if MAIN_PROCESS else None
     else:  # the saved state, then the flags given again
         progress, run_dir = resume(checkpoint, model_without_ddp, optimizer, args)
+    best_weights = checkpoint.get("best_model") if checkpoint else None  # of the best epoch so far
     scheduler = make_scheduler(optimizer, args.lr_decay, progress.total_steps(args.epochs, steps_per_epoch),
                                start_step=progress.step)
     model = wrap_for_processes(model_without_ddp, device)  # under torchrun, DDP averages the gradients
@@ -356,7 +400,6 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                 warnings.simplefilter("ignore")
                 writer.add_graph(model_without_ddp, train_set.images[:64])
 
-        evaluation = None
         while progress.epoch < args.epochs:
             epoch, first_step = progress.epoch + 1, progress.step + 1
             train_loader.set_epoch(epoch)
@@ -370,46 +413,64 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                     writer.add_scalar("learning rate", lr, step)
             stop_if_diverged(model_without_ddp, progress.loss_sum, epoch, args.lr)
             if progress.batch < steps_per_epoch:  # a signal stopped the epoch midway: keep its place
-                save_on_main(training_state(model_without_ddp, optimizer, progress, config), run_dir, "last")
+                state = training_state(model_without_ddp, optimizer, progress, config, best_weights)
+                save_on_main(state, run_dir, "last")
                 raise Interrupted(stop.signum, run_dir)
 
-            evaluation = test(model_without_ddp, test_loader)
+            evaluation = test(model_without_ddp, monitor_loader)
             improved = evaluation.accuracy > progress.best_accuracy
-            record = progress.end_epoch(evaluation, steps_per_epoch)
+            record = progress.end_epoch(evaluation, steps_per_epoch, monitor)
+            if improved:
+                best_weights = {key: value.clone() for key, value in model_without_ddp.state_dict().items()}
             if writer:
                 writer.add_scalar("training loss", record["train_loss"], epoch)
-                writer.add_scalar("test loss", evaluation.loss, epoch)
-                writer.add_scalar("test accuracy", evaluation.accuracy, epoch)
+                writer.add_scalar(f"{monitor} loss", evaluation.loss, epoch)
+                writer.add_scalar(f"{monitor} accuracy", evaluation.accuracy, epoch)
                 with progress.timing_logging():
-                    log_epoch_details(writer, model_without_ddp, evaluation, epoch)
+                    log_epoch_details(writer, model_without_ddp, evaluation, epoch, monitor)
                 writer.flush()
-                tqdm.write(f"Epoch {epoch}: train loss {record['train_loss']:.4f}, test loss "
-                           f"{evaluation.loss:.4f}, test accuracy {evaluation.accuracy:.4f}")
-            state = training_state(model_without_ddp, optimizer, progress, config)
+                tqdm.write(f"Epoch {epoch}: train loss {record['train_loss']:.4f}, {monitor} loss "
+                           f"{evaluation.loss:.4f}, {monitor} accuracy {evaluation.accuracy:.4f}")
+            state = training_state(model_without_ddp, optimizer, progress, config, best_weights)
             save_on_main(state, run_dir, "last")
             if improved:
                 save_on_main(state, run_dir, "best")
             if stop.requested():
                 raise Interrupted(stop.signum, run_dir)
+            if progress.out_of_patience(args.patience):
+                report(f"Stopping early: {monitor} accuracy has not improved for {args.patience} epochs "
+                       f"(best {progress.best_accuracy:.4f}, epoch {progress.best_epoch})")
+                break
 
-        if evaluation is None:  # resumed after its last epoch: test once more for the final figures
-            evaluation = test(model_without_ddp, test_loader)
+        # The test set, once, on the weights that validation chose (without a validation set, on
+        # the final weights, which the test set has scored every epoch).
+        tested = model_without_ddp
+        if validation_set is not None and best_weights is not None:
+            tested = MNISTNet().to(device)
+            tested.load_state_dict(best_weights)
+        evaluation = test(tested, test_loader)
         if not writer:
             return None
         stop.on_signal = stop.FINISH  # a signal now skips the figures and embeddings not made yet
-        metrics = log_results(writer, model_without_ddp, config, progress, evaluation, train_set, test_set,
-                              stop)
+        metrics = log_results(writer, tested, config, progress, evaluation, train_set, test_set, stop)
         write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
-    print(f"Test accuracy: {metrics['test_accuracy']:.4f}")
+    print(f"Test accuracy: {metrics['test_accuracy']:.4f}" + (
+        f" (the weights of epoch {progress.best_epoch}, chosen by validation accuracy "
+        f"{progress.best_accuracy:.4f})" if validation_set else
+        " (--val_size 0: best.pt and every epoch's curve were scored on this test set, so this figure is "
+        "optimistic)"))
     print(f"Run directory: {run_dir}")
-    return metrics
+    return metrics | {"run_dir": str(run_dir)}
 
 
 def log_results(writer: SummaryWriter, model_without_ddp: MNISTNet, config: dict, progress: "Progress",
                 evaluation: Evaluation, train_set: Split, test_set: Split, stop: "StopFlag") -> dict:
     """After training: the test set's figures, the learned features and the HPARAMS row. A signal
     here skips the figures and embeddings not yet made: the training is saved already."""
-    epochs, count, seed = config["epochs"], config["num_embeddings"], config["seed"]
+    epochs, count, seed = progress.epoch, config["num_embeddings"], config["seed"]
+    if config["val_size"]:  # the test set's one score; without validation it has a point every epoch
+        writer.add_scalar("test accuracy", evaluation.accuracy, epochs)
+        writer.add_scalar("test loss", evaluation.loss, epochs)
     with progress.timing_logging(), keep_earlier_embeddings(Path(writer.log_dir)):
         if stop.signum is None:
             log_test_figures(writer, evaluation, test_set.raw, epochs)
@@ -420,11 +481,13 @@ def log_results(writer: SummaryWriter, model_without_ddp: MNISTNet, config: dict
             if count and stop.signum is None:
                 writer.add_embedding(**embedding(model_without_ddp, split, count, seed, predictions),
                                      tag=tag, global_step=epochs)
-    metrics = final_metrics(progress, epochs, len(train_set.labels))
+    metrics = final_metrics(progress, evaluation, len(train_set.labels))
     # One HPARAMS row, written into this run's own folder: writer.add_hparams would start a
-    # separate sub-run. Its metrics name the run's own `test accuracy` and `test loss` curves.
+    # separate sub-run. Its metrics name the run's own curves, whose last points it shows.
+    tags = [*(["validation accuracy", "validation loss"] if config["val_size"] else []), "test accuracy",
+            "test loss"]
     row = hparams({key: config[key] for key in HPARAMS} | {"changed on resume": changes_on_resume(config)},
-                  {"test accuracy": metrics["test_accuracy"], "test loss": metrics["test_loss"]})
+                  dict.fromkeys(tags, 0.0))
     for summary in row:
         writer.file_writer.add_summary(summary)
     writer.flush()
@@ -443,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.evaluate:
                 evaluate(checkpoint, args, device)
                 return 0
+            if args.predict:
+                return predict(args.predict, checkpoint, device, args.save_inputs)
             runs = expand_sweep(args)
             if len(runs) == 1:
                 run(runs[0], device, checkpoint, stop)
@@ -468,14 +533,16 @@ def main(argv: list[str] | None = None) -> int:
 # --- TensorBoard extras: what the network does, beyond the curves ------------------------
 
 
-def log_epoch_details(writer: SummaryWriter, net: MNISTNet, evaluation: Evaluation, epoch: int) -> None:
-    """Every epoch: weight and gradient histograms, accuracy per digit, the conv1 filters."""
+def log_epoch_details(writer: SummaryWriter, net: MNISTNet, evaluation: Evaluation, epoch: int,
+                      monitor: str) -> None:
+    """Every epoch: weight and gradient histograms, accuracy per digit (on the `monitor` set), the
+    conv1 filters."""
     for name, parameter in net.named_parameters():
         writer.add_histogram(f"weights/{name}", parameter.detach(), epoch)
         if parameter.grad is not None:  # the gradient of the epoch's last step
             writer.add_histogram(f"gradients/{name}", parameter.grad, epoch)
     for digit, accuracy in enumerate(class_accuracy(evaluation.labels, evaluation.predictions)):
-        writer.add_scalar(f"test accuracy per digit/{digit}", accuracy, epoch)
+        writer.add_scalar(f"{monitor} accuracy per digit/{digit}", accuracy, epoch)
     filters = net.conv1.weight.detach().cpu()  # (8, 1, 5, 5)
     low = filters.amin(dim=(1, 2, 3), keepdim=True)
     high = filters.amax(dim=(1, 2, 3), keepdim=True)
@@ -585,7 +652,8 @@ class Progress:
     batch: int = 0  # batches completed in the epoch under way
     step: int = 0  # optimizer steps over the whole run: the x-axis of the per-step curves
     loss_sum: float = 0.0  # sum of those batches' losses, for the epoch's mean
-    best_accuracy: float = -1.0
+    best_accuracy: float = -1.0  # on the validation set (on the test set with --val_size 0)
+    best_epoch: int = 0
     seconds: float = 0.0  # training time so far, over all sessions of the run
     logging_seconds: float = 0.0  # time spent on histograms, figures and embeddings
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
@@ -605,15 +673,21 @@ class Progress:
         self.loss_sum += sum(step_losses)
         self.seconds += seconds
 
-    def end_epoch(self, evaluation: Evaluation, steps_per_epoch: int) -> dict:
-        """Record the finished epoch's metrics (and return them); the next epoch starts at batch 0."""
+    def end_epoch(self, evaluation: Evaluation, steps_per_epoch: int, monitor: str) -> dict:
+        """Record the finished epoch's metrics (and return them), scored on the `monitor` set;
+        the next epoch starts at batch 0."""
         self.epoch += 1
         record = {"epoch": self.epoch, "train_loss": self.loss_sum / steps_per_epoch,
-                  "test_loss": evaluation.loss, "test_accuracy": evaluation.accuracy}
+                  f"{monitor}_loss": evaluation.loss, f"{monitor}_accuracy": evaluation.accuracy}
         self.history.append(record)
-        self.best_accuracy = max(self.best_accuracy, evaluation.accuracy)
+        if evaluation.accuracy > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = evaluation.accuracy, self.epoch
         self.batch, self.loss_sum = 0, 0.0
         return record
+
+    def out_of_patience(self, patience: int) -> bool:
+        """--patience: no better accuracy in the last `patience` epochs (0: never)."""
+        return patience > 0 and self.epoch - self.best_epoch >= patience
 
     @contextlib.contextmanager
     def timing_logging(self) -> Iterator[None]:
@@ -623,10 +697,12 @@ class Progress:
 
 
 def training_state(model_without_ddp: MNISTNet, optimizer: torch.optim.Optimizer, progress: Progress,
-                   config: dict) -> dict:
-    """All that a resumed run needs to continue exactly; the weights are the same in every process.
-    The learning-rate schedule needs no state of its own: it is a function of the step."""
-    return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                   config: dict, best_weights: dict | None) -> dict:
+    """All that a resumed run needs to continue exactly, the weights of its best epoch included (the
+    test set scores them at the end); the weights are the same in every process. The
+    learning-rate schedule needs no state of its own: it is a function of the step."""
+    return {"model": model_without_ddp.state_dict(), "best_model": best_weights,
+            "optimizer": optimizer.state_dict(),
             "epoch": progress.epoch, "global_step": progress.step, "world_size": WORLD_SIZE,
             "progress": dataclasses.asdict(progress), "rng": {"torch": torch.get_rng_state()},
             "config": config}
@@ -646,12 +722,13 @@ def save_tensors(checkpoint: dict, file: BinaryIO) -> None:
     file.write(buffer.getbuffer())
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint file, or a run folder's checkpoints/last.pt, without running any code."""
+def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
+    """Read a checkpoint file, or a run folder's checkpoints/<in_run_dir>, without running any code."""
     if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+        path = path / "checkpoints" / in_run_dir
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; give a .pt file or a run folder with checkpoints/last.pt")
+        raise UserError(f"no checkpoint at {path}; give a .pt file or a run folder with "
+                        f"checkpoints/{in_run_dir}")
     try:
         # weights_only: tensors, numbers, strings and containers only; a pickled object that
         # would run code when loaded is refused instead.
@@ -673,7 +750,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def stored_flags(checkpoint: dict) -> dict:
     """The flags of a checkpoint's run, each through the same check as on the command line."""
-    saved = checkpoint["config"]
+    saved = {"val_size": 0} | checkpoint["config"]  # runs from before validation trained on all
     argv = []
     for key in (key for key in RESUMED_FLAGS if key in saved):
         if key == "deterministic":
@@ -695,6 +772,10 @@ def refuse_unresumable(parser: argparse.ArgumentParser, args: argparse.Namespace
     """--resume honours every flag given again, except those that would make it another run."""
     if any(len(getattr(args, key)) > 1 for key in SWEEP_FLAGS):
         parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
+    saved_val_size = checkpoint["config"].get("val_size", 0)
+    if args.val_size != saved_val_size:
+        parser.error(f"--val_size cannot change on --resume: it chose the training images (this run "
+                     f"holds out {saved_val_size}); start a new run for another split")
     saved_seed = checkpoint["config"].get("seed", args.seed)
     if args.seed != saved_seed:
         parser.error(f"--seed cannot change on --resume: it chose the run's initial weights and its "
@@ -971,14 +1052,20 @@ def write_projector_config(run_dir: Path, embeddings: list) -> None:
     atomic_write(run_dir / "projector_config.pbtxt", lambda file: file.write(text.encode()))
 
 
-def final_metrics(progress: Progress, epochs: int, train_count: int) -> dict:
-    final = progress.history[-1]
+def final_metrics(progress: Progress, evaluation: Evaluation, train_count: int) -> dict:
+    """metrics.json: the test set's one score, and what validation chose (null without it)."""
+    final = progress.history[-1] if progress.history else {}
+    validated = "validation_accuracy" in final
     return {
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"],
-        "epochs": epochs,
+        "test_accuracy": evaluation.accuracy,
+        "test_loss": evaluation.loss,
+        "best_validation_accuracy": progress.best_accuracy if validated else None,
+        "best_epoch": progress.best_epoch,
+        "final_validation_accuracy": final.get("validation_accuracy"),
+        "chosen_on": "validation" if validated else "test",
+        "epochs": progress.epoch,
         "training_seconds": round(progress.seconds, 3),
-        "images_per_second": round(epochs * train_count / progress.seconds, 1),
+        "images_per_second": round(progress.epoch * train_count / max(progress.seconds, 1e-9), 1),
         "visualization_seconds": round(progress.logging_seconds, 3),
     }
 
@@ -1035,7 +1122,7 @@ def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag"
     results, interrupted = [], None
     for index, one_run in enumerate(runs, start=1):
         values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
-        outcome = {"test_accuracy": None, "test_loss": None, "status": "not started"}
+        outcome = dict.fromkeys(SWEEP_METRICS) | {"run_dir": None, "status": "not started"}
         if interrupted is None:
             point = ", ".join(f"{key}={value}" for key, value in values.items())
             report(f"\n=== Sweep run {index}/{len(runs)}: {point}")
@@ -1043,9 +1130,12 @@ def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag"
                 outcome = run_point(one_run, device, stop)
             except Interrupted as stopped:
                 interrupted = stopped
-                outcome["status"] = f"stopped: --resume {stopped.run_dir}" if stopped.run_dir else "stopped"
+                resume_with = f": --resume {stopped.run_dir}" if stopped.run_dir else ""
+                outcome |= {"run_dir": stopped.run_dir, "status": f"stopped{resume_with}"}
         results.append(values | outcome)
-    results.sort(key=lambda row: -1 if row["test_accuracy"] is None else row["test_accuracy"], reverse=True)
+    # Ranked by validation accuracy: the test set chooses nothing (with --val_size 0 it must).
+    rank = "validation_accuracy" if runs[0].val_size else "test_accuracy"
+    results.sort(key=lambda row: -1 if row[rank] is None else row[rank], reverse=True)
     if MAIN_PROCESS:
         write_sweep_table(results, runs[0].log_dir / f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv")
     if interrupted is not None:
@@ -1053,26 +1143,36 @@ def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag"
     return results
 
 
+SWEEP_METRICS = ("validation_accuracy", "test_accuracy", "test_loss")  # the sweep table's columns
+
+
 def run_point(one_run: argparse.Namespace, device: torch.device, stop: "StopFlag") -> dict:
-    """One point of a sweep: its final test accuracy and loss, and whether it failed."""
+    """One point of a sweep: its best validation accuracy, its test accuracy and loss, whether it
+    failed, and its folder."""
     try:
         metrics = run(one_run, device, None, stop) or {}
     except UserError as error:
         report(f"error: {error}", every_node=True)
-        return {"test_accuracy": None, "test_loss": None, "status": f"failed: {error}"}
-    return {"test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
-            "status": "ok"}
+        return dict.fromkeys(SWEEP_METRICS) | {"run_dir": None, "status": f"failed: {error}"}
+    return {"validation_accuracy": metrics.get("best_validation_accuracy"),
+            "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+            "run_dir": metrics.get("run_dir"), "status": "ok"}
 
 
 def write_sweep_table(results: list[dict], path: Path) -> None:
+    """The sweep's rows, best first, as a CSV and on the console; numbers rounded to 4 places."""
+    rows = [{key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
+            for row in results]
     with open(path, "w", newline="") as file:
-        table = csv.DictWriter(file, fieldnames=list(results[0]))
+        table = csv.DictWriter(file, fieldnames=list(rows[0]))
         table.writeheader()
-        table.writerows(results)
+        table.writerows(rows)
     print("\nSweep results, best first:")
-    print(" ".join(f"{key:>14}" for key in results[0]))
-    for row in results:
-        print(" ".join(f"{'-' if value is None else value:>14}" for value in row.values()))
+    widths = {key: max(len(key), *(len(str("-" if row[key] is None else row[key])) for row in rows))
+              for key in rows[0]}
+    print("  ".join(f"{key:>{widths[key]}}" for key in rows[0]))
+    for row in rows:
+        print("  ".join(f"{'-' if value is None else value!s:>{widths[key]}}" for key, value in row.items()))
     print(f"Saved to {path}")
 
 
@@ -1240,6 +1340,108 @@ def report(message: str, every_node: bool = False) -> None:
     """Print to stderr from process 0 (or, for errors, from the first process of each machine)."""
     if MAIN_PROCESS or (every_node and LOCAL_RANK == 0):
         print(message if MAIN_PROCESS else f"[rank {RANK}] {message}", file=sys.stderr)
+
+
+# --- Predict your own images: each prepared the way MNIST's digits were ---------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # of a folder's files
+MAX_PIXELS = 50_000_000  # a larger image is refused before it is decoded (a phone photo has about 12 M)
+MNIST_CENTRE = 14.0  # where the centre of mass of MNIST's digits lies, in pixels from the top and the left
+
+
+def predict(images: list[Path], checkpoint: dict, device: torch.device, save_inputs: Path | None) -> int:
+    """--predict: one line per image with the model's three likeliest digits. An image that cannot
+    be read is one error line, and the others are still predicted; returns 1 if any failed."""
+    if WORLD_SIZE > 1:
+        raise UserError("--predict runs in one process: start it with python, not torchrun")
+    net = MNISTNet().to(device)
+    restore_model(net, checkpoint)
+    net.eval()
+    failed = 0
+    for path in image_files(images):
+        try:
+            digit = mnist_digit(read_grey(path), path)
+        except UserError as error:
+            report(f"error: {error}")
+            failed += 1
+            continue
+        if save_inputs:  # what the model sees
+            png = png_of(digit)
+            atomic_write(save_inputs / f"{path.stem}.png", lambda file, png=png: png.save(file, "PNG"),
+                         elsewhere="--save-inputs")
+        with torch.no_grad():
+            probabilities = F.softmax(net(normalize(digit[None].to(device) * 255)), dim=1)[0].cpu()
+        (first, second, third) = zip(*(tensor.tolist() for tensor in probabilities.topk(3)))
+        print(f"{path}: {first[1]} ({first[0]:.1%}), then {second[1]} ({second[0]:.1%}), "
+              f"{third[1]} ({third[0]:.1%})")
+    return 1 if failed else 0
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The paths given, with each folder replaced by the images in it, in name order."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(file for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def read_grey(path: Path) -> torch.Tensor:
+    """An image file as grey levels in [0, 1] (H, W), transparency composited on white paper."""
+    try:
+        with warnings.catch_warnings():  # Pillow warns of large images; the cap below says it
+            warnings.simplefilter("ignore")
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > MAX_PIXELS:
+                raise UserError(f"{path}: {image.width}x{image.height} is too large an image (at most "
+                                f"{MAX_PIXELS:,} pixels); crop it to the digit")
+            image = ImageOps.exif_transpose(image)  # a phone photo's rotation, stored beside its pixels
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+            grey = image.convert("L")
+    except UserError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        raise UserError(f"{path}: cannot be read as an image ({reason})") from None
+    pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
+    return pixels.view(grey.height, grey.width).float() / 255
+
+
+def mnist_digit(grey: torch.Tensor, path: Path) -> torch.Tensor:
+    """A picture of one digit made the way MNIST's were: light ink on black, the ink's bounding box
+    scaled so that its longer side is 20 pixels, placed in 28x28 with its centre of mass at the
+    centre. Returns (28, 28) in [0, 1]."""
+    # Polarity: the border shows the paper; MNIST's ink is light on a black background.
+    border = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    paper = border.median()
+    ink = (paper - grey if paper > 0.5 else grey - paper).clamp(min=0)
+    if ink.max() < 0.1:
+        raise UserError(f"{path}: no digit found: the image is blank")
+    ink = ink / ink.max()
+    ink[ink < 0.2] = 0  # faint marks (paper grain, shadows, JPEG noise) are not ink
+    rows, columns = ink.sum(dim=1).nonzero().flatten(), ink.sum(dim=0).nonzero().flatten()
+    ink = ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+    height, width = ink.shape
+    scale = 20 / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    small = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(0, 1)
+    mass = small.sum()
+    centre_row = (small.sum(dim=1) * torch.arange(size[0])).sum() / mass
+    centre_column = (small.sum(dim=0) * torch.arange(size[1])).sum() / mass
+    top = min(max(round(MNIST_CENTRE - centre_row.item()), 0), 28 - size[0])
+    left = min(max(round(MNIST_CENTRE - centre_column.item()), 0), 28 - size[1])
+    digit = torch.zeros(28, 28)
+    digit[top:top + size[0], left:left + size[1]] = small
+    return digit
+
+
+def png_of(digit: torch.Tensor) -> Image.Image:
+    """(28, 28) in [0, 1] as an 8-bit grey image."""
+    return Image.frombytes("L", (28, 28), bytes(digit.mul(255).round().byte().flatten().tolist()))
 
 
 # --- Data files and errors: a download, checks, and a mistake told in one clear line ------
