@@ -157,7 +157,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--resume", type=path_flag, default=None, metavar="PATH",
         help="continue the run of this checkpoint (or run folder) up to --epochs")
     add("--evaluate", type=path_flag, default=None, metavar="PATH",
-        help="only test this checkpoint (or a run folder's last.pt) and print its accuracy")
+        help="only test this checkpoint and print its accuracy; a run folder means the weights whose test "
+             "accuracy the run reported (best.pt; last.pt with --val_size 0)")
 
     add = parser.add_argument_group("predict your own images").add_argument
     add("--predict", type=path_flag, nargs="+", default=None, metavar="IMG",
@@ -183,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     if not (args.resume or args.evaluate):
         return args, None
     checkpoint = load_checkpoint(args.resume or args.evaluate)  # UserError: main() reports it
+    if args.evaluate and args.evaluate.is_dir() and checkpoint["config"].get("val_size"):
+        checkpoint = load_checkpoint(args.evaluate, in_run_dir="best.pt")  # whose test accuracy the run gave
     parser.set_defaults(**stored_flags(checkpoint))
     args = parser.parse_args(argv)
     if args.resume:
@@ -1163,10 +1166,11 @@ def write_sweep_table(results: list[dict], path: Path) -> None:
     """The sweep's rows, best first, as a CSV and on the console; numbers rounded to 4 places."""
     rows = [{key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
             for row in results]
-    with open(path, "w", newline="") as file:
-        table = csv.DictWriter(file, fieldnames=list(rows[0]))
-        table.writeheader()
-        table.writerows(rows)
+    text = io.StringIO(newline="")
+    table = csv.DictWriter(text, fieldnames=list(rows[0]))
+    table.writeheader()
+    table.writerows(rows)
+    atomic_write(path, lambda file: file.write(text.getvalue().encode()))
     print("\nSweep results, best first:")
     widths = {key: max(len(key), *(len(str("-" if row[key] is None else row[key])) for row in rows))
               for key in rows[0]}

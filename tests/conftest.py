@@ -33,7 +33,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # A run long enough to be interrupted by a signal in its third epoch: 4 epochs of 200 steps
 # (interruptible_data's 1,600 digits in batches of 8).
 INTERRUPTIBLE = ["--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "0",
-                 "--device", "cpu"]
+                 "--device", "cpu", "--val-size", "0"]
 
 # --- No test downloads -------------------------------------------------------------------
 # Every process the tests start loads network_guard/sitecustomize.py, and this one installs it

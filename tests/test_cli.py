@@ -73,8 +73,8 @@ def test_missing_cuda_is_a_usage_error(monkeypatch, capsys):
 
 
 def test_parsed_flags_are_not_changed_afterwards(tmp_path, synthetic_data):
-    argv = ["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--data-dir", str(synthetic_data),
-            "--log-dir", str(tmp_path)]
+    argv = ["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--val-size", "32", "--data-dir",
+            str(synthetic_data), "--log-dir", str(tmp_path)]
     args = parse(argv)
     before = dict(vars(args))
     (run_args,) = train_mnist.expand_sweep(args)

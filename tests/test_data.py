@@ -124,8 +124,9 @@ def test_missing_files_are_listed_in_one_line_with_where_they_belong(tmp_path, c
 
 def test_evaluate_needs_only_the_test_files(tmp_path, capsys):
     data_dir = write_mnist(tmp_path / "data")
-    assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--data-dir",
-                             str(data_dir), "--log-dir", str(tmp_path / "runs"), "--run-name", "r"]) == 0
+    assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--val-size", "0",
+                             "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs"),
+                             "--run-name", "r"]) == 0
     for name in train_mnist.MNIST_FILES[:2]:
         (data_dir / "MNIST" / "raw" / name).unlink()
     capsys.readouterr()
@@ -164,8 +165,9 @@ def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(
         assert sorted(path.name for path in raw.iterdir()) == ["t10k-images-idx3-ubyte",
                                                                "t10k-labels-idx1-ubyte"]
         assert test_set.raw.shape == (100, 28, 28)
-        assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--data-dir",
-                                 str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 0
+        assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--val-size",
+                                 "0", "--data-dir", str(tmp_path / "data"), "--log-dir",
+                                 str(tmp_path / "runs")]) == 0
     finally:
         server.shutdown()
         server.server_close()

@@ -15,7 +15,8 @@ from conftest import REPO, TORCHRUN, metrics_of, signal_in_a_later_epoch, torchr
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun, or uses a run it made
 
-COMMON = ["--lr", "0.05", "--num-embeddings", "0", "--device", "cpu", "--test-batch-size", "100"]
+COMMON = ["--lr", "0.05", "--num-embeddings", "0", "--device", "cpu", "--test-batch-size", "100",
+          "--val-size", "200"]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,11 @@ def test_one_run_dir_with_a_falling_loss(ddp_run):
     events.Reload()
     losses = [event.value for event in events.Scalars("training loss")]
     assert len(losses) == 2 and losses[1] < losses[0]
-    # 1,000 samples per process in batches of 16: 63 steps per epoch, every sample once
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 2 * 63
+    # 1,800 training samples (200 held out), 900 per process in batches of 16: 57 steps per epoch
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 2 * 57
+    # The validation set is scored whole: its accuracy is a multiple of 1/200.
+    accuracies = [event.value for event in events.Scalars("validation accuracy")]
+    assert len(accuracies) == 2 and all(abs(a * 200 - round(a * 200)) < 1e-3 for a in accuracies)
 
 
 def test_both_processes_end_with_identical_weights(ddp_run):
@@ -84,7 +88,8 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
     evaluates alike under torchrun and in one process; two -> one resumes it."""
     data_dir = write_mnist(tmp_path / "data", train_count=2000, test_count=200)
     run_dir = tmp_path / "runs" / "stopped"
-    argv = [*COMMON, "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--data-dir", str(data_dir),
+    argv = [*COMMON, "--val-size", "0", "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--data-dir",
+            str(data_dir),
             "--log-dir", str(tmp_path / "runs"), "--run-name", "stopped"]
     assert train_mnist.main(argv) == 0  # epoch 1 in one process: 250 steps
     assert metrics_of(run_dir)["epochs"] == 1

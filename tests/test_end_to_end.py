@@ -13,7 +13,7 @@ import train_mnist
 from conftest import metrics_of, write_mnist
 
 SMALL_RUN = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
-             "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5"]
+             "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5", "--val-size", "64"]
 
 
 def train_small(data_dir: Path, log_dir: Path, *extra: str) -> Path:
@@ -39,9 +39,11 @@ def small_run(tmp_path_factory) -> Path:
 
 def test_scalars_have_one_point_per_epoch_or_step(small_run):
     events = load_events(small_run)
-    steps_per_epoch = 5  # 320 synthetic training digits in batches of 64
-    for tag in ("training loss", "test loss", "test accuracy"):
+    steps_per_epoch = 4  # 320 synthetic training digits, 64 held out, in batches of 64
+    for tag in ("training loss", "validation loss", "validation accuracy"):
         assert [event.step for event in events.Scalars(tag)] == [1, 2]
+    for tag in ("test loss", "test accuracy"):  # the test set, once, at the end
+        assert [event.step for event in events.Scalars(tag)] == [2]
     for tag in ("training loss/per step", "learning rate"):
         assert [event.step for event in events.Scalars(tag)] == list(range(1, 2 * steps_per_epoch + 1))
     learning_rates = [event.value for event in events.Scalars("learning rate")]
@@ -69,8 +71,10 @@ def test_hparams_row_lives_in_the_run_itself(small_run):
     content = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert {info.name.tag for info in experiment.experiment.metric_infos} == {"test accuracy", "test loss"}
+    assert {info.name.tag for info in experiment.experiment.metric_infos} == {
+        "validation accuracy", "validation loss", "test accuracy", "test loss"}
     values = session.session_start_info.hparams
+    assert values["val_size"].number_value == 64 and values["changed on resume"].string_value == "none"
     assert values["lr"].number_value == pytest.approx(0.05)
     assert values["batch_size"].number_value == 64 and values["epochs"].number_value == 2
     assert {"momentum", "seed"} <= set(values)
@@ -96,8 +100,12 @@ def test_config_and_metrics_json(small_run):
     assert config["lr"] == 0.05 and config["batch_size"] == 64 and config["epochs"] == 2
     assert metrics["epochs"] == 2 and 0 <= metrics["test_accuracy"] <= 1
     assert metrics["test_loss"] > 0 and metrics["training_seconds"] > 0 and metrics["images_per_second"] > 0
-    accuracy = load_events(small_run).Scalars("test accuracy")[-1].value
-    assert metrics["test_accuracy"] == pytest.approx(accuracy)
+    events = load_events(small_run)
+    assert metrics["test_accuracy"] == pytest.approx(events.Scalars("test accuracy")[-1].value)
+    validation = [event.value for event in events.Scalars("validation accuracy")]
+    assert metrics["best_validation_accuracy"] == pytest.approx(max(validation))
+    assert metrics["final_validation_accuracy"] == pytest.approx(validation[-1])
+    assert validation[metrics["best_epoch"] - 1] == max(validation) and metrics["chosen_on"] == "validation"
 
 
 def test_each_run_gets_a_fresh_directory(tmp_path, synthetic_data, capsys):
@@ -129,8 +137,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_on_each_available_device(tmp_path, synthetic_data, device):
     """CPU everywhere; CUDA too on a machine that has it (data, model and batches on the GPU)."""
-    code = train_mnist.main(["--epochs", "2", "--lr", "0.05", "--num-embeddings", "16", "--device", device,
-                             "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")])
+    code = train_mnist.main(["--epochs", "2", "--lr", "0.05", "--num-embeddings", "16", "--val-size", "64",
+                             "--device", device, "--data-dir", str(synthetic_data), "--log-dir",
+                             str(tmp_path / "runs")])
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "config.json").read_text())["device"] == device

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 import train_mnist
 from conftest import (
@@ -27,7 +28,7 @@ from conftest import (
 )
 
 FAST = ["--batch-size", "32", "--lr", "0.05", "--test-batch-size", "50", "--num-embeddings", "0",
-        "--device", "cpu"]
+        "--val-size", "64", "--device", "cpu"]
 TIMING_KEYS = {"training_seconds", "images_per_second", "visualization_seconds"}
 
 
@@ -66,11 +67,12 @@ def test_checkpoints_hold_the_whole_state_and_load_weights_only(tmp_path, synthe
     best = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     for key in ("model", "optimizer", "epoch", "global_step", "rng", "config", "progress"):
         assert key in last
-    assert last["epoch"] == 2 and last["global_step"] == 2 * 10  # 320 digits in batches of 32
+    assert last["epoch"] == 2 and last["global_step"] == 2 * 8  # 320 digits, 64 held out, in batches of 32
     assert last["config"]["lr"] == 0.05 and last["config"]["epochs"] == 2
     assert [row["epoch"] for row in last["progress"]["history"]] == [1, 2]
-    best_epoch = max(last["progress"]["history"], key=lambda row: row["test_accuracy"])["epoch"]
-    assert best["epoch"] == best_epoch
+    best_epoch = max(last["progress"]["history"], key=lambda row: row["validation_accuracy"])["epoch"]
+    assert best["epoch"] == best_epoch == last["progress"]["best_epoch"]
+    assert_same_weights(last["best_model"], best["model"])  # the weights the test set scores at the end
     assert isinstance(last["rng"]["torch"], torch.Tensor)
 
 
@@ -88,9 +90,11 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return [event.step for event in events.Scalars(tag)]
+    """The steps of a curve's points in all the run's event files, read raw (a duplicate shows), in
+    order. The files of two sessions in one test process may sort out of time order by name."""
+    return sorted(event.step for path in run_dir.glob("events.out.tfevents.*")
+                  for event in EventFileLoader(str(path)).Load() for value in event.summary.value
+                  if value.tag == tag)
 
 
 @pytest.mark.slow
@@ -127,14 +131,21 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptib
 
 def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
     run_dir = train_run(synthetic_data, tmp_path, "ev", "--epochs", "2")
-    history = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["progress"]["history"]
+    reported = f"Test accuracy: {metrics_of(run_dir)['test_accuracy']:.4f}"  # of best.pt's weights
     capsys.readouterr()
     before = sorted(tmp_path.iterdir())
     assert train_mnist.main(["--evaluate", str(run_dir / "checkpoints" / "best.pt"), "--device", "cpu"]) == 0
-    best = max(row["test_accuracy"] for row in history)
-    assert f"Test accuracy: {best:.4f}" in capsys.readouterr().out
-    assert train_mnist.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0  # a folder: its last.pt
-    assert f"Test accuracy: {history[-1]['test_accuracy']:.4f}" in capsys.readouterr().out
+    assert reported in capsys.readouterr().out
+    assert train_mnist.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0  # a folder: its best.pt
+    assert reported in capsys.readouterr().out
+    # Without a validation set the run reports its final weights, and a folder means its last.pt.
+    plain = train_run(synthetic_data, tmp_path, "plain", "--epochs", "2", "--val-size", "0")
+    capsys.readouterr()
+    before = sorted(tmp_path.iterdir())
+    assert train_mnist.main(["--evaluate", str(plain), "--device", "cpu"]) == 0
+    last = torch.load(plain / "checkpoints" / "last.pt", weights_only=True)["progress"]["history"][-1]
+    assert f"Test accuracy: {last['test_accuracy']:.4f}" in capsys.readouterr().out
+    assert metrics_of(plain)["test_accuracy"] == pytest.approx(last["test_accuracy"])
     assert sorted(tmp_path.iterdir()) == before
 
 
@@ -191,7 +202,8 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
 
 def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data, capsys):
     argv = ["--lr", "0.05", "0.01", "--batch-size", "32", "64", "--epochs", "1", "--num-embeddings", "0",
-            "--device", "cpu", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
+            "--val-size", "64", "--device", "cpu", "--data-dir", str(synthetic_data), "--log-dir",
+            str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 0
     run_dirs = sorted(path for path in (tmp_path / "runs").iterdir() if path.is_dir())
     assert len(run_dirs) == 4
@@ -206,14 +218,21 @@ def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data,
     with open(table) as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
-    accuracies = [float(row["test_accuracy"]) for row in rows]
-    assert accuracies == sorted(accuracies, reverse=True)
-    assert "Sweep results, best first" in capsys.readouterr().out
+    assert list(rows[0]) == ["lr", "batch_size", "momentum", "epochs", "validation_accuracy", "test_accuracy",
+                             "test_loss", "run_dir", "status"]
+    validation = [float(row["validation_accuracy"]) for row in rows]
+    assert validation == sorted(validation, reverse=True)  # ranked by validation, never by test
+    for row in rows:  # each row names its folder, whose metrics it rounds to 4 places
+        metrics = metrics_of(Path(row["run_dir"]))
+        assert float(row["test_accuracy"]) == round(metrics["test_accuracy"], 4)
+        assert float(row["validation_accuracy"]) == round(metrics["best_validation_accuracy"], 4)
+    out = capsys.readouterr().out
+    assert "Sweep results, best first" in out and rows[0]["run_dir"] in out
 
 
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data):
     argv = ["--lr", "1e6", "0.05", "--epochs", "1", "--num-embeddings", "0", "--device", "cpu",
-            "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
+            "--val-size", "64", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 0
     (table,) = (tmp_path / "runs").glob("sweep-*.csv")
     with open(table) as file:
@@ -224,7 +243,7 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data
 
 def test_an_interrupted_sweep_still_writes_its_table_with_every_point(tmp_path, synthetic_data, stop_at_check,
                                                                       capsys):
-    stop_at_check(15)  # run 1: 10 steps and its end; run 2 stops before its step 4
+    stop_at_check(13)  # run 1: 8 steps and its end; run 2 stops before its step 4
     argv = [*FAST, "--lr", "0.05", "0.02", "0.01", "--epochs", "1", "--data-dir", str(synthetic_data),
             "--log-dir", str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 130

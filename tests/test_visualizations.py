@@ -27,6 +27,7 @@ EPOCHS = 2
 def run_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("visual")
     argv = ["--epochs", str(EPOCHS), "--lr", "0.05", "--num-embeddings", "30", "--device", "cpu",
+            "--val-size", "64",
             "--data-dir", str(write_mnist(root / "data")), "--log-dir", str(root / "runs"), "--run-name", "v"]
     assert train_mnist.main(argv) == 0
     return root / "runs" / "v"
@@ -48,13 +49,14 @@ def test_weight_and_gradient_histograms_every_epoch(run_dir):
 
 def test_accuracy_per_digit_every_epoch_adds_up(run_dir):
     events = events_of(run_dir)
-    per_digit = [events.Scalars(f"test accuracy per digit/{digit}") for digit in range(10)]
+    per_digit = [events.Scalars(f"validation accuracy per digit/{digit}") for digit in range(10)]
     assert all([event.step for event in curve] == [1, 2] for curve in per_digit)
-    _, test_labels = synthetic_digits(100, seed=0)  # the test split write_mnist wrote
-    counts = np.bincount(test_labels, minlength=10)
+    _, train_labels = synthetic_digits(320, seed=1)  # the training split write_mnist wrote
+    held_out = torch.randperm(320, generator=torch.Generator().manual_seed(train_mnist.VALIDATION_SEED))[:64]
+    counts = np.bincount(train_labels[held_out.numpy()], minlength=10)
     for epoch in range(EPOCHS):
         weighted = sum(curve[epoch].value * count for curve, count in zip(per_digit, counts)) / counts.sum()
-        assert weighted == pytest.approx(events.Scalars("test accuracy")[epoch].value, abs=1e-6)
+        assert weighted == pytest.approx(events.Scalars("validation accuracy")[epoch].value, abs=1e-6)
 
 
 def test_evaluation_class_accuracy_and_confusion_counts():
