@@ -3,8 +3,9 @@
     torchrun ... tests/ddp_worker.py WEIGHTS_DIR [train_mnist.py flags]
 
 Only process 0 writes checkpoints, so the tests use this to compare the weights that every
-process ends with. test() is called by every process after training; its model then holds
-the final weights.
+process ends with. test() is called by every process after each epoch on the model being
+trained (the first model it sees), whose weights are then kept; the final test of the weights
+validation chose is on another network.
 """
 
 import sys
@@ -19,8 +20,14 @@ weights_dir = Path(sys.argv[1])
 real_test = train_mnist.test
 
 
+trained = []
+
+
 def test_and_keep_weights(model, loader):
-    torch.save(model.state_dict(), weights_dir / f"rank{loader.rank}.pt")
+    if not trained:
+        trained.append(model)
+    if model is trained[0]:
+        torch.save(model.state_dict(), weights_dir / f"rank{loader.rank}.pt")
     return real_test(model, loader)
 
 

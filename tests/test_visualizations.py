@@ -140,8 +140,9 @@ def test_a_real_tensorboard_serves_everything(run_dir):
             time.sleep(0.5)
 
         scalars = fetch(f"{base}/plugin/scalars/tags")["v"]
-        assert {"training loss", "training loss/per step", "test loss", "test accuracy",
-                "learning rate", "test accuracy per digit/0"} <= set(scalars)
+        expected = {"training loss", "training loss/per step", "validation loss", "validation accuracy",
+                    "test loss", "test accuracy", "learning rate", "validation accuracy per digit/0"}
+        assert expected <= set(scalars)
         points = fetch(f"{base}/plugin/scalars/scalars?run=v&tag=training%20loss")
         assert [step for _, step, _ in points] == [1, 2]
         assert {"mnist_images", "conv1 filters", "confusion matrix", "misclassified digits"} <= set(
@@ -158,15 +159,17 @@ def test_a_real_tensorboard_serves_everything(run_dir):
         experiment = fetch(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
         hparam_names = {info["name"] for info in experiment["hparamInfos"]}
         assert {"lr", "batch_size", "epochs", "momentum", "seed"} <= hparam_names
-        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {"test accuracy", "test loss"}
+        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {
+            "validation accuracy", "validation loss", "test accuracy", "test loss"}
         groups = fetch(f"{base}/plugin/hparams/session_groups", {
             "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [],
             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
         (group,) = groups["sessionGroups"]
         assert group["hparams"]["lr"] == pytest.approx(0.05)
-        accuracy = json.loads((run_dir / "metrics.json").read_text())["test_accuracy"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
         metric = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
-        assert metric["test accuracy"] == pytest.approx(accuracy)
+        assert metric["test accuracy"] == pytest.approx(metrics["test_accuracy"])  # side by side
+        assert metric["validation accuracy"] == pytest.approx(metrics["final_validation_accuracy"])
     finally:
         server.terminate()
         try:
