@@ -1400,15 +1400,15 @@ def read_grey(path: Path) -> torch.Tensor:
             image = Image.open(path)
         with image:
             if image.width * image.height > MAX_PIXELS:
-                raise UserError(f"{path}: {image.width}x{image.height} is too large an image (at most "
-                                f"{MAX_PIXELS:,} pixels); crop it to the digit")
+                raise Image.DecompressionBombError(f"{image.width}x{image.height}")
             image = ImageOps.exif_transpose(image)  # a phone photo's rotation, stored beside its pixels
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             grey = image.convert("L")
-    except UserError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError:  # Pillow's own cap, or ours
+        raise UserError(f"{path}: too large an image (over {MAX_PIXELS:,} pixels); crop it to the "
+                        "digit") from None
+    except (OSError, ValueError, SyntaxError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
         raise UserError(f"{path}: cannot be read as an image ({reason})") from None
     pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
@@ -1432,7 +1432,8 @@ def mnist_digit(grey: torch.Tensor, path: Path) -> torch.Tensor:
     height, width = ink.shape
     scale = 20 / max(height, width)
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    small = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(0, 1)
+    small = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(min=0)
+    small = small / small.max()  # the darkest ink at full strength, as in MNIST
     mass = small.sum()
     centre_row = (small.sum(dim=1) * torch.arange(size[0])).sum() / mass
     centre_column = (small.sum(dim=0) * torch.arange(size[1])).sum() / mass

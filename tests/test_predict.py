@@ -1,0 +1,147 @@
+"""--predict on your own images: real MNIST test digits, saved as files the way a user has them."""
+
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+import train_mnist
+from conftest import one_line_error, train_in_process
+from models import MNISTNet
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(real_data_dir, tmp_path_factory) -> Path:
+    """A model trained for 2 epochs on the real training set (validation held out as usual)."""
+    log_dir = tmp_path_factory.mktemp("predict")
+    return train_in_process(real_data_dir, log_dir, "model", "--epochs", "2", "--num-embeddings", "0",
+                            "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def test_digits(real_data_dir) -> train_mnist.Split:
+    return train_mnist.load_split(real_data_dir, False, CPU)
+
+
+def predictions(capsys, *argv: str) -> tuple[int, dict[str, int], list[str]]:
+    """main(argv) in this process: its exit code, the digit predicted for each file, its error lines."""
+    code = train_mnist.main(list(argv))
+    out, err = capsys.readouterr()
+    predicted = {}
+    for line in out.splitlines():
+        path, result = line.rsplit(": ", 1)
+        predicted[path] = int(result.split()[0])
+    return code, predicted, [line for line in err.splitlines() if line.startswith("error: ")]
+
+
+def photo_of(digit: np.ndarray, rng: random.Random) -> Image.Image:
+    """A 28x28 MNIST digit as a phone might see it: dark ink on white paper, 4 to 10 times larger,
+    off-centre on a larger sheet, slightly blurred, with sensor noise."""
+    scale = rng.uniform(4, 10)
+    ink = Image.fromarray(digit).resize((round(28 * scale),) * 2, Image.BICUBIC)
+    width, height = (round(side * rng.uniform(1.4, 2.2)) for side in ink.size)
+    sheet = Image.new("L", (width, height), 235)
+    place = (rng.randint(0, sheet.width - ink.width), rng.randint(0, sheet.height - ink.height))
+    sheet.paste(Image.new("L", ink.size, 20), place, mask=ink)  # dark ink where the digit is bright
+    sheet = sheet.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 6, (sheet.height, sheet.width))
+    return Image.fromarray((np.asarray(sheet) + noise).clip(0, 255).astype(np.uint8))
+
+
+def test_28x28_pngs_of_test_digits_get_the_predictions_of_the_tensors(checkpoint, test_digits, tmp_path,
+                                                                       capsys):
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for index in range(1000):
+        Image.fromarray(test_digits.raw[index].numpy()).save(folder / f"{index:04}.png")
+    net = MNISTNet()
+    net.load_state_dict(torch.load(checkpoint / "checkpoints" / "best.pt", weights_only=True)["model"])
+    net.eval()
+    with torch.no_grad():
+        expected = net(test_digits.images[:1000]).argmax(dim=1).tolist()
+    code, predicted, errors = predictions(capsys, "--predict", str(folder), "--checkpoint", str(checkpoint),
+                                          "--device", "cpu")
+    assert code == 0 and errors == []
+    assert len(predicted) == 1000
+    agree = sum(predicted[str(folder / f"{index:04}.png")] == expected[index] for index in range(1000))
+    assert agree >= 990, agree
+
+
+def test_photos_of_test_digits_are_read_right(checkpoint, test_digits, tmp_path, capsys):
+    rng = random.Random(0)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    labels = {}
+    for index in range(2000, 2040):  # 20 PNG and 20 JPEG
+        path = folder / f"{index}.{'png' if index % 2 else 'jpg'}"
+        photo_of(test_digits.raw[index].numpy(), rng).save(path, quality=85)
+        labels[str(path)] = int(test_digits.labels[index])
+    seen = tmp_path / "seen"
+    code, predicted, errors = predictions(capsys, "--predict", str(folder), "--checkpoint", str(checkpoint),
+                                          "--save-inputs", str(seen))
+    assert code == 0 and errors == []
+    right = sum(predicted[path] == label for path, label in labels.items())
+    assert right >= 0.9 * len(labels), f"{right} of {len(labels)}"
+    # What the model saw: 28x28, light ink on black, like MNIST.
+    inputs = sorted(seen.iterdir())
+    assert len(inputs) == 40
+    seen_digit = np.asarray(Image.open(inputs[0]))
+    assert seen_digit.shape == (28, 28) and seen_digit.max() == 255 and seen_digit[0].max() == 0
+
+
+def huge_png_header(path: Path, side: int) -> None:
+    """A PNG whose header says side x side pixels (its pixels never come: it is refused first)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+def test_each_bad_image_is_one_line_and_the_others_are_still_read(checkpoint, test_digits, tmp_path, capsys):
+    good = tmp_path / "seven.png"
+    Image.fromarray(255 - test_digits.raw[0].numpy()).save(good)  # a 7, dark on white
+    transparent = tmp_path / "transparent.png"  # dark ink on a transparent sheet, as drawing apps save it
+    alpha = Image.fromarray(test_digits.raw[1].numpy())
+    Image.merge("LA", (Image.new("L", alpha.size, 0), alpha)).save(transparent)
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    Image.new("L", (200, 100), 255).save(tmp_path / "blank.png")
+    huge_png_header(tmp_path / "huge.png", 20_000)  # over Pillow's own limit
+    huge_png_header(tmp_path / "large.png", 8_000)  # under it, over ours
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    bad = ["notes.png", "empty.jpg", "blank.png", "huge.png", "large.png", "gone.png"]
+    argv = ["--predict", str(good), *(str(tmp_path / name) for name in bad), str(transparent),
+            "--checkpoint", str(checkpoint)]
+    code, predicted, errors = predictions(capsys, *argv)
+    assert code == 1
+    assert predicted == {str(good): int(test_digits.labels[0]), str(transparent): int(test_digits.labels[1])}
+    assert [error.split(": ")[1] for error in errors] == [str(tmp_path / name) for name in bad]
+    reasons = dict(zip(bad, errors))
+    assert "cannot be read as an image" in reasons["notes.png"] and "cannot be read" in reasons["empty.jpg"]
+    assert "no digit found: the image is blank" in reasons["blank.png"]
+    for name in ("huge.png", "large.png"):
+        assert "too large an image (over 50,000,000 pixels)" in reasons[name]
+    assert "No such file" in reasons["gone.png"]
+
+
+def test_predict_needs_a_checkpoint_and_writes_nothing(checkpoint, test_digits, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.parse_args(["--predict", "x.png"])
+    assert exit_info.value.code == 2 and "--predict needs --checkpoint" in capsys.readouterr().err
+    image = tmp_path / "digit.png"
+    Image.fromarray(test_digits.raw[2].numpy()).save(image)
+    before = sorted(path for path in checkpoint.parent.rglob("*"))
+    code, predicted, _ = predictions(capsys, "--predict", str(image), "--checkpoint",
+                                     str(checkpoint / "checkpoints" / "last.pt"))
+    assert code == 0 and predicted == {str(image): int(test_digits.labels[2])}
+    assert sorted(path for path in checkpoint.parent.rglob("*")) == before
+    assert sorted(tmp_path.iterdir()) == [image]
+    assert train_mnist.main(["--predict", str(image), "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert "no checkpoint at" in one_line_error(capsys)
