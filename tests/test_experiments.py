@@ -22,7 +22,6 @@ from conftest import (
     one_line_error,
     signal_in_a_later_epoch,
     start_script,
-    train_in_process,
     weights,
     write_mnist,
 )
@@ -32,8 +31,10 @@ FAST = ["--batch-size", "32", "--lr", "0.05", "--test-batch-size", "50", "--num-
 TIMING_KEYS = {"training_seconds", "images_per_second", "visualization_seconds"}
 
 
-def train_run(data_dir: Path, log_dir: Path, name: str, *extra: str) -> Path:
-    return train_in_process(data_dir, log_dir, name, *FAST, *extra)
+def train_run(data_dir: Path, log_dir: Path, name: str, *extra: str) -> Path | None:
+    """main() with FAST and `extra`; the run folder, or None if it ended with an error."""
+    argv = [*FAST, *extra, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--run-name", name]
+    return log_dir / name if train_mnist.main(argv) == 0 else None
 
 
 def metrics_without_timing(run_dir: Path) -> dict:
@@ -272,3 +273,45 @@ def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, c
     assert scalar_steps(run_dir, "training loss") == [1, 2]
     for epoch in ("00001", "00002"):  # the first embedding is kept beside the new one
         assert (run_dir / epoch / "train features" / "tensors.tsv").exists()
+
+
+# --- The validation split ---------------------------------------------------------------
+
+def test_the_validation_split_is_fixed_and_apart_from_the_training_images(synthetic_data):
+    """The same held-out images whatever the seed in use (and so in every run and process)."""
+    split = train_mnist.load_split(synthetic_data, True, torch.device("cpu"))
+    held_out = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        train, validation = train_mnist.hold_out(split, 64)
+        assert len(train.labels) == 256 and len(validation.labels) == 64
+        held_out.append(validation.raw)
+        together = torch.cat([train.raw, validation.raw]).flatten(1)
+        assert len(torch.unique(together, dim=0)) == len(torch.unique(split.raw.flatten(1), dim=0))
+    assert torch.equal(held_out[0], held_out[1])
+    assert train_mnist.hold_out(split, 0) == (split, None)
+
+
+def test_a_validation_set_as_large_as_the_training_set_is_one_line(tmp_path, synthetic_data, capsys):
+    assert train_run(synthetic_data, tmp_path, "big", "--val-size", "320") is None
+    assert "--val_size 320 leaves none of the 320 training images to train on" in one_line_error(capsys)
+
+
+def test_without_validation_the_console_says_the_test_set_chose(tmp_path, synthetic_data, capsys):
+    run_dir = train_run(synthetic_data, tmp_path, "plain", "--epochs", "1", "--val-size", "0")
+    out = capsys.readouterr().out
+    assert "--val_size 0: best.pt and every epoch's curve were scored on this test set" in out
+    metrics = metrics_of(run_dir)
+    assert metrics["chosen_on"] == "test" and metrics["best_validation_accuracy"] is None
+
+
+def test_patience_stops_early_and_the_run_finishes_on_its_best_weights(tmp_path, synthetic_data, capsys):
+    run_dir = train_run(synthetic_data, tmp_path, "patient", "--epochs", "20", "--patience", "2")
+    err = capsys.readouterr().err
+    metrics = metrics_of(run_dir)
+    assert "Stopping early: validation accuracy has not improved for 2 epochs" in err
+    assert metrics["epochs"] == metrics["best_epoch"] + 2 < 20
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert best["epoch"] == metrics["best_epoch"]
+    assert train_mnist.main(["--evaluate", str(run_dir / "checkpoints" / "best.pt"), "--device", "cpu"]) == 0
+    assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in capsys.readouterr().out

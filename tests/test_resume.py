@@ -124,9 +124,10 @@ def finished_run(tmp_path, synthetic_data) -> Path:
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--seed", "2"], "--seed cannot change on --resume"),
+    (["--val-size", "64"], "--val_size cannot change on --resume"),
     (["--run-name", "other"], "--run_name cannot rename a run on --resume"),
     (["--lr", "0.1", "0.2", "--epochs", "2"], "--resume continues one run"),
-], ids=["seed", "run name", "sweep"])
+], ids=["seed", "validation", "run name", "sweep"])
 def test_flags_that_would_make_another_run_are_refused(finished_run, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         train_mnist.parse_args(["--resume", str(finished_run), *flags])
