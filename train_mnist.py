@@ -466,10 +466,11 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
     return metrics | {"run_dir": str(run_dir)}
 
 
-def log_results(writer: SummaryWriter, model_without_ddp: MNISTNet, config: dict, progress: "Progress",
+def log_results(writer: SummaryWriter, tested_net: MNISTNet, config: dict, progress: "Progress",
                 evaluation: Evaluation, train_set: Split, test_set: Split, stop: "StopFlag") -> dict:
-    """After training: the test set's figures, the learned features and the HPARAMS row. A signal
-    here skips the figures and embeddings not yet made: the training is saved already."""
+    """After training: the test set's figures and the learned features of `tested_net` (the weights
+    the test set scored), and the HPARAMS row. A signal here skips the figures and embeddings not
+    yet made: the training is saved already."""
     epochs, count, seed = progress.epoch, config["num_embeddings"], config["seed"]
     if config["val_size"]:  # the test set's one score; without validation it has a point every epoch
         writer.add_scalar("test accuracy", evaluation.accuracy, epochs)
@@ -482,7 +483,7 @@ def log_results(writer: SummaryWriter, model_without_ddp: MNISTNet, config: dict
         for tag, split, predictions in (("train features", train_set, None),
                                         ("test features", test_set, evaluation.predictions)):
             if count and stop.signum is None:
-                writer.add_embedding(**embedding(model_without_ddp, split, count, seed, predictions),
+                writer.add_embedding(**embedding(tested_net, split, count, seed, predictions),
                                      tag=tag, global_step=epochs)
     metrics = final_metrics(progress, evaluation, len(train_set.labels))
     # One HPARAMS row, written into this run's own folder: writer.add_hparams would start a
