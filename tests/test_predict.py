@@ -15,6 +15,7 @@ from conftest import one_line_error, train_in_process
 from models import MNISTNet
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.slow  # every test here uses a model trained for 2 epochs on the real MNIST
 
 
 @pytest.fixture(scope="module")
