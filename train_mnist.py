@@ -84,7 +84,8 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte")  # in torchvision's layout: <--data_dir>/MNIST/raw/<name>
 SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of these run a grid
-HPARAMS = (*SWEEP_FLAGS, "weight_decay", "lr_decay", "seed", "deterministic", "val_size", "patience")
+HPARAMS = (*SWEEP_FLAGS, "weight_decay", "warmup", "lr_decay", "nesterov", "label_smoothing", "seed",
+           "deterministic", "val_size", "patience")
 # Flags a resumed run takes from its checkpoint unless they are given again.
 RESUMED_FLAGS = (*HPARAMS, "test_batch_size", "num_embeddings", "data_dir")
 VALIDATION_SEED = 0  # seeds the choice of the --val_size held-out images: the same for every run
@@ -122,6 +123,12 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--momentum", type=momentum_float, nargs="+", default=[0.9], metavar="M", help="SGD momentum")
     add("--weight_decay", "--weight-decay", type=non_negative_float, default=5e-4, metavar="WD",
         help="SGD weight decay (L2 penalty)")
+    add("--nesterov", action=argparse.BooleanOptionalAction, default=False,
+        help="Nesterov momentum")
+    add("--label_smoothing", "--label-smoothing", type=unit_fraction, default=0.0, metavar="EPSILON",
+        help="training targets keep 1 - EPSILON on the true digit and share EPSILON over all ten")
+    add("--warmup", type=unit_fraction, default=0.0, metavar="FRACTION",
+        help="first fraction of the steps over which the learning rate rises linearly from 0 to --lr")
     add("--lr_decay", "--lr-decay", type=unit_fraction, default=0.2, metavar="FRACTION",
         help="final fraction of the steps over which the learning rate falls linearly from --lr to 0 "
              "(0: constant)")
@@ -178,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     args = parser.parse_args(argv)
     if sum(map(bool, (args.resume, args.evaluate, args.predict))) > 1:
         parser.error("--resume, --evaluate and --predict exclude each other")
+    if args.nesterov and 0 in args.momentum:
+        parser.error("--nesterov needs a --momentum above 0")
     if bool(args.predict) != bool(args.checkpoint) or (args.save_inputs and not args.predict):
         parser.error("--predict needs --checkpoint (and --checkpoint and --save_inputs need --predict)")
     if args.predict:
@@ -287,7 +296,7 @@ class DeviceLoader:
 
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-          loader: DeviceLoader, epoch: int, epochs: int, first_batch: int, stop: "StopFlag",
+          loader: DeviceLoader, loss_fn: torch.nn.Module, first_batch: int, stop: "StopFlag", title: str,
           ) -> tuple[list[float], list[float]]:
     """Train one epoch from batch `first_batch` on; return each step's loss and learning rate.
     Ends early when a signal asks to stop or the loss is no longer finite (under torchrun, all
@@ -297,12 +306,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: L
     # per step would make a GPU wait for every batch.
     step_losses = torch.zeros(len(loader) - first_batch, device=loader.labels.device)
     step_lrs = []
-    with tqdm(loader.batches(first_batch), desc=f"Epoch {epoch}/{epochs}", total=len(loader),
+    with tqdm(loader.batches(first_batch), desc=title, total=len(loader),
               initial=first_batch, unit="batch", dynamic_ncols=True, disable=not MAIN_PROCESS) as bar:
         for step, (images, labels) in enumerate(bar):
             if stop.requested(step):
                 break
-            loss = F.cross_entropy(model(images), labels)
+            loss = loss_fn(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step_lrs.append(optimizer.param_groups[0]["lr"])
@@ -342,15 +351,18 @@ def test(model: torch.nn.Module, loader: DeviceLoader) -> Evaluation:
     return Evaluation(loss, accuracy, logits, loader.labels)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, decay_fraction: float, total_steps: int,
-                   start_step: int = 0) -> LambdaLR:
-    """Hold --lr, then fall linearly to 0 over the last `decay_fraction` of the steps: a long
-    constant phase learns fast, the final decay settles the weights into a minimum. The rate is
-    a function of the step alone, so a resumed run starts at `start_step`."""
-    decay_steps = decay_fraction * total_steps
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_fraction: float, decay_fraction: float,
+                   total_steps: int, start_step: int = 0) -> LambdaLR:
+    """Rise linearly from 0 to --lr over the first `warmup_fraction` of the steps, hold, then fall
+    linearly to 0 over the last `decay_fraction`. A warm-up lets a high rate start without
+    blowing up; the final decay settles the weights into a minimum. The rate is a function of
+    the step alone, so a resumed run starts at `start_step`."""
+    warmup_steps, decay_steps = warmup_fraction * total_steps, decay_fraction * total_steps
 
     def factor(step: int) -> float:
-        return 1.0 if decay_steps == 0 else min(1.0, max(0.0, total_steps - step) / decay_steps)
+        rise = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+        fall = 1.0 if decay_steps == 0 else min(1.0, max(0.0, total_steps - step) / decay_steps)
+        return min(rise, fall)
 
     return LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
@@ -381,15 +393,16 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
     torch.manual_seed(args.seed)
     model_without_ddp = MNISTNet().to(device)
     optimizer = torch.optim.SGD(model_without_ddp.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+                                nesterov=args.nesterov, weight_decay=args.weight_decay)
     stop.on_signal = stop.SAVE  # from here on a signal is honoured at a safe point, with the state saved
     if checkpoint is None:
         progress, run_dir = Progress(), make_run_dir(args) if MAIN_PROCESS else None
     else:  # the saved state, then the flags given again
         progress, run_dir = resume(checkpoint, model_without_ddp, optimizer, args)
     best_weights = checkpoint.get("best_model") if checkpoint else None  # of the best epoch so far
-    scheduler = make_scheduler(optimizer, args.lr_decay, progress.total_steps(args.epochs, steps_per_epoch),
-                               start_step=progress.step)
+    scheduler = make_scheduler(optimizer, args.warmup, args.lr_decay,
+                               progress.total_steps(args.epochs, steps_per_epoch), start_step=progress.step)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     model = wrap_for_processes(model_without_ddp, device)  # under torchrun, DDP averages the gradients
     config = config_of(args, run_dir, checkpoint, progress)
 
@@ -408,8 +421,8 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
             epoch, first_step = progress.epoch + 1, progress.step + 1
             train_loader.set_epoch(epoch)
             started = time.perf_counter()
-            step_losses, step_lrs = train(model, optimizer, scheduler, train_loader, epoch, args.epochs,
-                                          progress.batch, stop)
+            step_losses, step_lrs = train(model, optimizer, scheduler, train_loader, loss_fn, progress.batch,
+                                          stop, title=f"Epoch {epoch}/{args.epochs}")
             progress.add_steps(step_losses, seconds=time.perf_counter() - started)
             if writer:
                 for step, (loss, lr) in enumerate(zip(step_losses, step_lrs), start=first_step):
@@ -767,15 +780,16 @@ def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
 def stored_flags(checkpoint: dict) -> dict:
     """The flags of a checkpoint's run, each through the same check as on the command line."""
     saved = {"val_size": 0} | checkpoint["config"]  # runs from before validation trained on all
-    argv = []
+    parser, argv = build_parser(exit_on_error=False), []
     for key in (key for key in RESUMED_FLAGS if key in saved):
-        if key == "deterministic":
-            argv.append({True: "--deterministic", False: "--no-deterministic"}.get(saved[key],
-                                                                                f"--deterministic={saved[key]}"))
-        else:
+        if not isinstance(parser.get_default(key), bool):
             argv += [f"--{key}", str(saved[key])]
+        elif isinstance(saved[key], bool):  # --deterministic / --no-deterministic, ...
+            argv.append(f"--{key}" if saved[key] else f"--no-{key}")
+        else:
+            argv.append(f"--{key}={saved[key]}")  # refused by the parser, with the flag's name
     try:
-        stored, unknown = build_parser(exit_on_error=False).parse_known_args(argv)
+        stored, unknown = parser.parse_known_args(argv)
         if unknown:
             raise argparse.ArgumentError(None, f"unexpected {' '.join(unknown)}")
     except argparse.ArgumentError as error:
@@ -833,7 +847,8 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
         raise UserError(f"{checkpoint['path']} lacks part of the training state (optimizer or position), "
                         "so it cannot be resumed; --evaluate can still test it") from None
     for group in optimizer.param_groups:  # the saved state brought back the old values
-        group.update(lr=args.lr, initial_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        group.update(lr=args.lr, initial_lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                     weight_decay=args.weight_decay)
     if (checkpoint["config"].get("batch_size") != args.batch_size
             or checkpoint.get("world_size", 1) != WORLD_SIZE):
         # Another batch size or number of processes splits an epoch into other steps: an
