@@ -315,3 +315,45 @@ def test_patience_stops_early_and_the_run_finishes_on_its_best_weights(tmp_path,
     assert best["epoch"] == metrics["best_epoch"]
     assert train_mnist.main(["--evaluate", str(run_dir / "checkpoints" / "best.pt"), "--device", "cpu"]) == 0
     assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
+
+
+# --- The recipe's flags -----------------------------------------------------------------
+
+def test_the_schedule_rises_holds_and_falls_as_a_function_of_the_step():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = train_mnist.make_scheduler(optimizer, 0.2, 0.5, total_steps=100)
+    rates = []
+    for _ in range(100):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1 / 20) and rates[19] == pytest.approx(0.1)  # 20 steps of warm-up
+    assert rates[20:51] == pytest.approx([0.1] * 31)  # the hold
+    assert rates[60] == pytest.approx(0.1 * 40 / 50)  # the fall, to 0 at the end
+    assert rates[99] == pytest.approx(0.1 / 50)
+    later = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    later.param_groups[0]["initial_lr"] = 0.1  # as a resume sets it
+    train_mnist.make_scheduler(later, 0.2, 0.5, total_steps=100, start_step=60)
+    assert later.param_groups[0]["lr"] == pytest.approx(rates[60])  # a resumed run starts where it was
+
+
+def test_nesterov_and_label_smoothing_reach_the_optimizer_and_the_loss(tmp_path, synthetic_data, monkeypatch):
+    seen = []
+    real_train = train_mnist.train
+
+    def train_and_look(model, optimizer, scheduler, loader, loss_fn, *args, **kwargs):
+        seen.append((optimizer.param_groups[0]["nesterov"], loss_fn.label_smoothing))
+        return real_train(model, optimizer, scheduler, loader, loss_fn, *args, **kwargs)
+
+    monkeypatch.setattr(train_mnist, "train", train_and_look)
+    run_dir = train_run(synthetic_data, tmp_path, "recipe", "--epochs", "1", "--nesterov",
+                        "--label-smoothing", "0.1", "--warmup", "0.3")
+    assert seen == [(True, 0.1)]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["nesterov"], config["label_smoothing"], config["warmup"]) == (True, 0.1, 0.3)
+
+
+def test_nesterov_without_momentum_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.parse_args(["--nesterov", "--momentum", "0"])
+    assert exit_info.value.code == 2 and "--nesterov needs a --momentum above 0" in capsys.readouterr().err
