@@ -114,22 +114,22 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                     "for --lr, --batch_size, --momentum or --epochs run a sweep over their grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     add = parser.add_argument_group("training").add_argument
-    add("--epochs", type=positive_int, nargs="+", default=[10], metavar="N",
+    add("--epochs", type=positive_int, nargs="+", default=[6], metavar="N",
         help="passes over the training set")
-    add("--lr", type=positive_float, nargs="+", default=[0.02], metavar="LR",
+    add("--lr", type=positive_float, nargs="+", default=[0.1], metavar="LR",
         help="peak learning rate of SGD")
-    add("--batch_size", "--batch-size", type=positive_int, nargs="+", default=[64], metavar="N",
+    add("--batch_size", "--batch-size", type=positive_int, nargs="+", default=[128], metavar="N",
         help="training images per step")
     add("--momentum", type=momentum_float, nargs="+", default=[0.9], metavar="M", help="SGD momentum")
     add("--weight_decay", "--weight-decay", type=non_negative_float, default=5e-4, metavar="WD",
         help="SGD weight decay (L2 penalty)")
-    add("--nesterov", action=argparse.BooleanOptionalAction, default=False,
+    add("--nesterov", action=argparse.BooleanOptionalAction, default=True,
         help="Nesterov momentum")
     add("--label_smoothing", "--label-smoothing", type=unit_fraction, default=0.0, metavar="EPSILON",
         help="training targets keep 1 - EPSILON on the true digit and share EPSILON over all ten")
-    add("--warmup", type=unit_fraction, default=0.0, metavar="FRACTION",
+    add("--warmup", type=unit_fraction, default=0.1, metavar="FRACTION",
         help="first fraction of the steps over which the learning rate rises linearly from 0 to --lr")
-    add("--lr_decay", "--lr-decay", type=unit_fraction, default=0.2, metavar="FRACTION",
+    add("--lr_decay", "--lr-decay", type=unit_fraction, default=0.5, metavar="FRACTION",
         help="final fraction of the steps over which the learning rate falls linearly from --lr to 0 "
              "(0: constant)")
     add("--seed", type=seed_int, default=1, metavar="N",
@@ -179,27 +179,27 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
-    """The flags, and the checkpoint that --resume or --evaluate names (None without them), whose
-    config gives the flags not given again."""
+    """The flags, and the checkpoint that --resume, --evaluate or --predict names (None without
+    them); a resumed or evaluated run's stored flags are the defaults of those not given again."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if sum(map(bool, (args.resume, args.evaluate, args.predict))) > 1:
         parser.error("--resume, --evaluate and --predict exclude each other")
-    if args.nesterov and 0 in args.momentum:
-        parser.error("--nesterov needs a --momentum above 0")
     if bool(args.predict) != bool(args.checkpoint) or (args.save_inputs and not args.predict):
         parser.error("--predict needs --checkpoint (and --checkpoint and --save_inputs need --predict)")
+    checkpoint = None
     if args.predict:
-        return args, load_checkpoint(args.checkpoint, in_run_dir="best.pt")
-    if not (args.resume or args.evaluate):
-        return args, None
-    checkpoint = load_checkpoint(args.resume or args.evaluate)  # UserError: main() reports it
-    if args.evaluate and args.evaluate.is_dir() and checkpoint["config"].get("val_size"):
-        checkpoint = load_checkpoint(args.evaluate, in_run_dir="best.pt")  # whose test accuracy the run gave
-    parser.set_defaults(**stored_flags(checkpoint))
-    args = parser.parse_args(argv)
-    if args.resume:
-        refuse_unresumable(parser, args, checkpoint)
+        checkpoint = load_checkpoint(args.checkpoint, in_run_dir="best.pt")  # UserError: main() reports it
+    elif args.resume or args.evaluate:
+        checkpoint = load_checkpoint(args.resume or args.evaluate)
+        if args.evaluate and args.evaluate.is_dir() and checkpoint["config"].get("val_size"):
+            checkpoint = load_checkpoint(args.evaluate, in_run_dir="best.pt")  # whose test accuracy it gave
+        parser.set_defaults(**stored_flags(checkpoint))
+        args = parser.parse_args(argv)
+        if args.resume:
+            refuse_unresumable(parser, args, checkpoint)
+    if args.nesterov and 0 in args.momentum:
+        parser.error("--nesterov needs a --momentum above 0 (or give --no-nesterov)")
     return args, checkpoint
 
 
@@ -1650,7 +1650,9 @@ def read_idx(path: Path, item_shape: tuple[int, ...]) -> torch.Tensor:
 
 def stop_if_diverged(net: MNISTNet, loss_sum: float, epoch: int, lr: float) -> None:
     """A loss or weights that are no longer finite end the run, before a checkpoint keeps them."""
-    if not (math.isfinite(loss_sum) and all(p.isfinite().all() for p in net.parameters())):
+    # Squared too: weights whose squares overflow (above about 1e19 in float32) have diverged as
+    # surely as infinite ones, and no histogram can show them.
+    if not (math.isfinite(loss_sum) and all(p.detach().square().sum().isfinite() for p in net.parameters())):
         raise UserError(f"training diverged in epoch {epoch}: the loss or the weights are no longer finite; "
                         f"try a smaller --lr (this run used {lr:g})")
 

@@ -28,6 +28,10 @@ RECIPES = {  # name: flags, each adding one choice to the one before
     "+ label smoothing 0.1": [*BATCH_128, *ONE_CYCLE, "--nesterov", "--label_smoothing", "0.1"],
     "+ peak lr 0.1": [*BATCH_128, *ONE_CYCLE, "--nesterov", "--label_smoothing", "0.1", "--lr", "0.1"],
     "peak lr 0.1 without label smoothing": [*BATCH_128, *ONE_CYCLE, "--nesterov", "--lr", "0.1"],
+    "warm-up 0.1, hold, decay 0.5": [*BATCH_128, "--warmup", "0.1", "--lr_decay", "0.5", "--nesterov",
+                                     "--lr", "0.1"],
+    "the same, 6 epochs (the defaults)": [*BATCH_128, "--warmup", "0.1", "--lr_decay", "0.5", "--nesterov",
+                                          "--lr", "0.1", "--epochs", "6"],
 }
 
 

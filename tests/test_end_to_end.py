@@ -137,9 +137,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_on_each_available_device(tmp_path, synthetic_data, device):
     """CPU everywhere; CUDA too on a machine that has it (data, model and batches on the GPU)."""
-    code = train_mnist.main(["--epochs", "2", "--lr", "0.05", "--num-embeddings", "16", "--val-size", "64",
-                             "--device", device, "--data-dir", str(synthetic_data), "--log-dir",
-                             str(tmp_path / "runs")])
+    code = train_mnist.main(["--epochs", "2", "--lr", "0.05", "--batch-size", "32", "--num-embeddings", "16",
+                             "--val-size", "64", "--device", device, "--data-dir", str(synthetic_data),
+                             "--log-dir", str(tmp_path / "runs")])
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "config.json").read_text())["device"] == device

@@ -27,8 +27,8 @@ from conftest import (
 from models import MNISTNet
 
 # 320 synthetic digits in batches of 32: 10 steps an epoch, at a constant learning rate.
-FAST = ["--batch-size", "32", "--lr", "0.05", "--lr-decay", "0", "--num-embeddings", "0", "--device", "cpu",
-        "--val-size", "0"]
+FAST = ["--batch-size", "32", "--lr", "0.05", "--warmup", "0", "--lr-decay", "0", "--no-nesterov",
+        "--num-embeddings", "0", "--device", "cpu", "--val-size", "0"]
 CPU = torch.device("cpu")
 
 
