@@ -459,6 +459,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                        f"(best {progress.best_accuracy:.4f}, epoch {progress.best_epoch})")
                 break
 
+        stop.on_signal = stop.FINISH  # training is over and saved: a signal skips what is left to log
         # The test set, once, on the weights that validation chose (without a validation set, on
         # the final weights, which the test set has scored every epoch).
         tested = model_without_ddp
@@ -468,7 +469,6 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
         evaluation = test(tested, test_loader)
         if not writer:
             return None
-        stop.on_signal = stop.FINISH  # a signal now skips the figures and embeddings not made yet
         metrics = log_results(writer, tested, config, progress, evaluation, train_set, test_set, stop)
         write_json(run_dir / "metrics.json", metrics)  # last: only a finished run has one
     print(f"Test accuracy: {metrics['test_accuracy']:.4f}" + (

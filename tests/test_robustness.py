@@ -222,12 +222,14 @@ def test_a_signal_while_the_libraries_load_is_one_line(tmp_path, synthetic_data,
 @pytest.mark.slow
 def test_a_signal_during_the_final_logging_finishes_without_the_rest(tmp_path, interruptible_data):
     run_dir = tmp_path / "run"
-    process = start_script("--epochs", "1", "--batch-size", "8", "--num-embeddings", "1400", "--val-size",
-                           "200", "--device", "cpu", "--data-dir", str(interruptible_data), "--log-dir",
-                           str(tmp_path), "--run-name", "run")
+    process = start_script("--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "1400",
+                           "--val-size", "200", "--device", "cpu", "--data-dir", str(interruptible_data),
+                           "--log-dir", str(tmp_path), "--run-name", "run")
     try:
-        wait_for_epoch(run_dir, 1, process)  # the last epoch is saved: the figures come next
-        time.sleep(0.05)
+        # The last epoch is saved; the test, the figures (matplotlib loads first) and 1,400
+        # embeddings come next, and take seconds.
+        wait_for_epoch(run_dir, 1, process)
+        time.sleep(0.3)
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
     finally:
