@@ -45,6 +45,8 @@ import math
 import pickle
 import shutil
 import struct
+import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -150,7 +152,7 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         help="training images held out for validation, the same ones in every run: every epoch is "
              "scored on them and best.pt chosen by them; the test set is used once, at the end (0: "
              "train on all and monitor on the test set)")
-    add("--verify_data", "--verify-data", action="store_true",
+    add("--verify_data", "--verify-data", action=argparse.BooleanOptionalAction, default=False,
         help="check the MNIST files against the published checksums before using them")
 
     add = parser.add_argument_group("logging").add_argument
@@ -164,6 +166,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add = parser.add_argument_group("experiments").add_argument
     add("--resume", type=path_flag, default=None, metavar="PATH",
         help="continue the run of this checkpoint (or run folder) up to --epochs")
+    add("--jobs", type=positive_int, default=1, metavar="N",
+        help="run N points of a sweep at once, each in a process of its own with its share of the CPU "
+             "cores (with several GPUs, one GPU each, in turn)")
     add("--evaluate", type=path_flag, default=None, metavar="PATH",
         help="only test this checkpoint and print its accuracy; a run folder means the weights whose test "
              "accuracy the run reported (best.pt; last.pt with --val_size 0)")
@@ -530,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(runs) == 1:
                 run(runs[0], device, checkpoint, stop)
             else:
-                sweep(runs, device, stop)
+                sweep(runs, device, stop, args.jobs)
             if stop.signum is not None:  # it came during the final logging: nothing was lost
                 report(f"Stopped by {signal.Signals(stop.signum).name} as the run finished.")
                 return 128 + stop.signum
@@ -1147,23 +1152,17 @@ def expand_sweep(args: argparse.Namespace) -> list[argparse.Namespace]:
     return runs
 
 
-def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag") -> list[dict]:
-    """Run each point of the grid in turn; a failed run is reported and the sweep goes on. A signal
-    stops the run under way with its state saved; the table then lists every point all the same."""
-    results, interrupted = [], None
-    for index, one_run in enumerate(runs, start=1):
-        values = {key: getattr(one_run, key) for key in SWEEP_FLAGS}
-        outcome = dict.fromkeys(SWEEP_METRICS) | {"run_dir": None, "status": "not started"}
-        if interrupted is None:
-            point = ", ".join(f"{key}={value}" for key, value in values.items())
-            report(f"\n=== Sweep run {index}/{len(runs)}: {point}")
-            try:
-                outcome = run_point(one_run, device, stop)
-            except Interrupted as stopped:
-                interrupted = stopped
-                resume_with = f": --resume {stopped.run_dir}" if stopped.run_dir else ""
-                outcome |= {"run_dir": stopped.run_dir, "status": f"stopped{resume_with}"}
-        results.append(values | outcome)
+def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag",
+          jobs: int = 1) -> list[dict]:
+    """Run each point of the grid, in turn or `jobs` at a time; a failed run is reported and the
+    sweep goes on. A signal stops the runs under way with their state saved; the table then lists
+    every point all the same."""
+    if jobs > 1 and WORLD_SIZE == 1:
+        outcomes, interrupted = run_points_in_processes(runs, jobs, stop)
+    else:
+        outcomes, interrupted = run_points_in_turn(runs, device, stop)
+    results = [{key: getattr(one_run, key) for key in SWEEP_FLAGS} | outcome
+               for one_run, outcome in zip(runs, outcomes)]
     # Ranked by validation accuracy: the test set chooses nothing (with --val_size 0 it must).
     rank = "validation_accuracy" if runs[0].val_size else "test_accuracy"
     results.sort(key=lambda row: -1 if row[rank] is None else row[rank], reverse=True)
@@ -1172,6 +1171,31 @@ def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag"
     if interrupted is not None:
         raise interrupted
     return results
+
+
+def not_started() -> dict:
+    return dict.fromkeys(SWEEP_METRICS) | {"run_dir": None, "status": "not started"}
+
+
+def run_points_in_turn(runs: list[argparse.Namespace], device: torch.device,
+                       stop: "StopFlag") -> tuple[list[dict], "Interrupted | None"]:
+    outcomes, interrupted = [], None
+    for index, one_run in enumerate(runs, start=1):
+        outcome = not_started()
+        if interrupted is None:
+            report(f"\n=== Sweep run {index}/{len(runs)}: {point_name(one_run)}")
+            try:
+                outcome = run_point(one_run, device, stop)
+            except Interrupted as stopped:
+                interrupted = stopped
+                resume_with = f": --resume {stopped.run_dir}" if stopped.run_dir else ""
+                outcome |= {"run_dir": stopped.run_dir, "status": f"stopped{resume_with}"}
+        outcomes.append(outcome)
+    return outcomes, interrupted
+
+
+def point_name(one_run: argparse.Namespace) -> str:
+    return ", ".join(f"{key}={getattr(one_run, key)}" for key in SWEEP_FLAGS)
 
 
 SWEEP_METRICS = ("validation_accuracy", "test_accuracy", "test_loss")  # the sweep table's columns
@@ -1206,6 +1230,84 @@ def write_sweep_table(results: list[dict], path: Path) -> None:
     for row in rows:
         print("  ".join(f"{'-' if value is None else value!s:>{widths[key]}}" for key, value in row.items()))
     print(f"Saved to {path}")
+
+
+# --- Sweeps in parallel: --jobs N points at once, each a process of its own ----------------
+
+NOT_PASSED_ON = {"resume", "evaluate", "predict", "checkpoint", "save_inputs", "jobs"}
+
+
+def run_points_in_processes(runs: list[argparse.Namespace], jobs: int,
+                            stop: "StopFlag") -> tuple[list[dict], "Interrupted | None"]:
+    """Up to `jobs` points at once, each `python train_mnist.py` of its own: on the CPU with its
+    share of the cores (a second thread buys a small network little; a second process, a second
+    run), with several GPUs one each in turn. A point's console goes to a log; its results come
+    from its run folder. A signal is passed on to every run under way, which saves its state."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpus = torch.cuda.device_count() if runs[0].device.type == "cuda" else 0
+    stop.on_signal = "stopping every run under way; each saves its state..."
+    outcomes = [not_started() for _ in runs]
+    waiting, running, passed_on = list(range(len(runs))), {}, False
+    with tempfile.TemporaryDirectory() as logs:
+        while running or (waiting and stop.signum is None):
+            while waiting and len(running) < jobs and stop.signum is None:
+                index = waiting.pop(0)
+                gpu = str(index % gpus) if gpus > 1 else None
+                running[index] = start_point(runs[index], threads, gpu, Path(logs) / f"{index}.log")
+                report(f"=== Sweep run {index + 1}/{len(runs)} started: {point_name(runs[index])}")
+            if stop.signum is not None and not passed_on:
+                for process in running.values():
+                    process.send_signal(stop.signum)
+                passed_on = True
+            for index, process in list(running.items()):
+                if process.poll() is not None:
+                    del running[index]
+                    console = (Path(logs) / f"{index}.log").read_text()
+                    outcomes[index] = outcome_of(process.returncode, console)
+                    report(f"=== Sweep run {index + 1}/{len(runs)}: {outcomes[index]['status']}")
+            time.sleep(0.1)
+    return outcomes, None if stop.signum is None else Interrupted(stop.signum)
+
+
+def start_point(one_run: argparse.Namespace, threads: int, gpu: str | None, log: Path) -> subprocess.Popen:
+    environment = os.environ | {"OMP_NUM_THREADS": str(threads)}  # torch's thread count
+    if gpu is not None:
+        environment["CUDA_VISIBLE_DEVICES"] = gpu
+    with open(log, "w") as console:
+        return subprocess.Popen([sys.executable, __file__, *command_line(one_run)], stdout=console,
+                                stderr=subprocess.STDOUT, env=environment)
+
+
+def command_line(one_run: argparse.Namespace) -> list[str]:
+    """The flags that make `python train_mnist.py` run this one point of a sweep."""
+    argv = []
+    for key, value in vars(one_run).items():
+        if value is None or key in NOT_PASSED_ON:
+            continue
+        if isinstance(value, bool):
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def outcome_of(returncode: int, console: str) -> dict:
+    """A point's row of the sweep table, from its exit code, its console and its metrics.json."""
+    def last(prefix: str) -> str | None:
+        return next((line.removeprefix(prefix) for line in reversed(lines) if line.startswith(prefix)), None)
+
+    lines = console.splitlines()
+    run_dir = last("Run directory: ")
+    if returncode == 0 and run_dir:
+        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+        return {"validation_accuracy": metrics["best_validation_accuracy"],
+                "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
+                "run_dir": run_dir, "status": "ok"}
+    row = dict.fromkeys(SWEEP_METRICS)
+    if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        resume = last("Resume with: python train_mnist.py --resume ")
+        return row | {"run_dir": resume, "status": f"stopped: --resume {resume}" if resume else "stopped"}
+    return row | {"run_dir": None, "status": f"failed: {last('error: ') or f'exit code {returncode}'}"}
 
 
 # --- Signals: Ctrl-C and SIGTERM stop at a safe point, with the state saved ---------------

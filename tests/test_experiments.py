@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -357,3 +358,59 @@ def test_nesterov_without_momentum_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_mnist.parse_args(["--nesterov", "--momentum", "0"])
     assert exit_info.value.code == 2 and "--nesterov needs a --momentum above 0" in capsys.readouterr().err
+
+
+# --- Sweeps in parallel -----------------------------------------------------------------
+
+def sweep_table(log_dir: Path) -> list[dict]:
+    (table,) = log_dir.glob("sweep-*.csv")
+    with open(table) as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_gives_the_rows_of_a_sequential_one_and_survives_a_failed_point(
+        tmp_path, synthetic_data, capsys):
+    grid = ["--lr", "0.05", "1e6", "--batch-size", "32", "64", "--epochs", "1", "--num-embeddings", "0",
+            "--val-size", "64", "--device", "cpu", "--data-dir", str(synthetic_data)]
+    rows = {}
+    for jobs in ("1", "2"):
+        assert train_mnist.main([*grid, "--log-dir", str(tmp_path / jobs), "--jobs", jobs]) == 0
+        rows[jobs] = {(row["lr"], row["batch_size"]): row for row in sweep_table(tmp_path / jobs)}
+    assert rows["1"].keys() == rows["2"].keys() and len(rows["2"]) == 4
+    for point, row in rows["2"].items():
+        sequential = rows["1"][point]
+        if point[0] == "1000000.0":  # diverges: reported, and the other points still ran
+            assert row["status"].startswith("failed: training diverged")
+            assert sequential["status"] == row["status"]
+            continue
+        assert row["status"] == "ok" and Path(row["run_dir"]).parent == tmp_path / "2"
+        # One thread each instead of two: the same run, up to float rounding.
+        assert float(row["test_accuracy"]) == pytest.approx(float(sequential["test_accuracy"]), abs=0.003)
+    out, err = capsys.readouterr()
+    assert "=== Sweep run 4/4: " in err and "Traceback" not in out + err
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_of_a_parallel_sweep_with_its_state_saved(tmp_path, interruptible_data):
+    argv = [*INTERRUPTIBLE, "--lr", "0.01", "0.02", "0.03", "--data-dir", str(interruptible_data),
+            "--log-dir", str(tmp_path), "--jobs", "2"]
+    process = start_script(*argv, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/checkpoints/last.pt")):  # a first epoch is saved
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the sweep and its runs
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    rows = {row["lr"]: row for row in sweep_table(tmp_path)}
+    assert rows["0.03"]["status"] == "not started"
+    for lr in ("0.01", "0.02"):
+        assert rows[lr]["status"] == f"stopped: --resume {rows[lr]['run_dir']}"
+        state = torch.load(Path(rows[lr]["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
+        assert state["epoch"] < EPOCHS and not (Path(rows[lr]["run_dir"]) / "metrics.json").exists()
