@@ -75,8 +75,12 @@ def test_misclassified_figure_titles_true_and_predicted_labels():
     predictions = labels.clone()
     predictions[[3, 17, 42]] = torch.tensor([5, 0, 9])
     figure = train_mnist.misclassified_figure(raw, labels, predictions)
-    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
-    assert titles == ["true 3\npred 5", "true 7\npred 0", "true 2\npred 9"]
+    (axes,) = figure.axes
+    assert [text.get_text() for text in axes.texts] == ["true 3\npred 5", "true 7\npred 0", "true 2\npred 9"]
+    picture = axes.images[0].get_array()
+    assert picture.shape == (48, 6 * 32)  # one row of three digits, each under its title
+    assert np.array_equal(picture[16:44, 2:30], raw[3].numpy())  # the first wrong digit, first place
+    assert np.array_equal(picture[16:44, 66:94], raw[42].numpy())  # the third, third place
 
 
 def image_of(events: EventAccumulator, tag: str) -> np.ndarray:
