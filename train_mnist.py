@@ -417,9 +417,9 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
             print(f"Training on {device} with seed {args.seed}"
                   + (f" in {WORLD_SIZE} processes" if WORLD_SIZE > 1 else "") + f"; logging to {run_dir}")
         if writer and checkpoint is None:
-            writer.add_image("mnist_images", image_grid(train_set.raw[:64, None] / 255, columns=8))
-            with warnings.catch_warnings():  # add_graph traces with torch.jit, which warns it is deprecated
-                warnings.simplefilter("ignore")
+            with progress.timing_logging(), warnings.catch_warnings():
+                writer.add_image("mnist_images", image_grid(train_set.raw[:64, None] / 255, columns=8))
+                warnings.simplefilter("ignore")  # add_graph traces with torch.jit, which warns of it
                 writer.add_graph(model_without_ddp, train_set.images[:64])
 
         while progress.epoch < args.epochs:
@@ -430,9 +430,10 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                                           stop, title=f"Epoch {epoch}/{args.epochs}")
             progress.add_steps(step_losses, seconds=time.perf_counter() - started)
             if writer:
-                for step, (loss, lr) in enumerate(zip(step_losses, step_lrs), start=first_step):
-                    writer.add_scalar("training loss/per step", loss, step)
-                    writer.add_scalar("learning rate", lr, step)
+                with progress.timing_logging():
+                    for step, (loss, lr) in enumerate(zip(step_losses, step_lrs), start=first_step):
+                        writer.add_scalar("training loss/per step", loss, step)
+                        writer.add_scalar("learning rate", lr, step)
             stop_if_diverged(model_without_ddp, progress.loss_sum, epoch, args.lr)
             if progress.batch < steps_per_epoch:  # a signal stopped the epoch midway: keep its place
                 state = training_state(model_without_ddp, optimizer, progress, config, best_weights)
@@ -450,7 +451,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                 writer.add_scalar(f"{monitor} accuracy", evaluation.accuracy, epoch)
                 with progress.timing_logging():
                     log_epoch_details(writer, model_without_ddp, evaluation, epoch, monitor)
-                writer.flush()
+                    writer.flush()
                 tqdm.write(f"Epoch {epoch}: train loss {record['train_loss']:.4f}, {monitor} loss "
                            f"{evaluation.loss:.4f}, {monitor} accuracy {evaluation.accuracy:.4f}")
             state = training_state(model_without_ddp, optimizer, progress, config, best_weights)
@@ -695,7 +696,7 @@ class Progress:
     best_accuracy: float = -1.0  # on the validation set (on the test set with --val_size 0)
     best_epoch: int = 0
     seconds: float = 0.0  # training time so far, over all sessions of the run
-    logging_seconds: float = 0.0  # time spent on histograms, figures and embeddings
+    logging_seconds: float = 0.0  # time spent writing TensorBoard: curves, graph, histograms, figures
     history: list = dataclasses.field(default_factory=list)  # one metrics dict per epoch
 
     def total_steps(self, epochs: int, steps_per_epoch: int) -> int:
