@@ -789,19 +789,27 @@ def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
     return checkpoint
 
 
+def as_command_line(flags: dict) -> list[str]:
+    """Flag values as the command line that gives them: `--key value`, and `--key` or `--no-key`
+    for the on/off flags. A value other than on or off for an on/off flag becomes `--key=value`,
+    which the parser refuses with the flag's name."""
+    parser, argv = build_parser(), []
+    for key, value in flags.items():
+        if not isinstance(parser.get_default(key), bool):
+            argv += [f"--{key}", str(value)]
+        elif isinstance(value, bool):
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            argv.append(f"--{key}={value}")
+    return argv
+
+
 def stored_flags(checkpoint: dict) -> dict:
     """The flags of a checkpoint's run, each through the same check as on the command line."""
     saved = {"val_size": 0} | checkpoint["config"]  # runs from before validation trained on all
-    parser, argv = build_parser(exit_on_error=False), []
-    for key in (key for key in RESUMED_FLAGS if key in saved):
-        if not isinstance(parser.get_default(key), bool):
-            argv += [f"--{key}", str(saved[key])]
-        elif isinstance(saved[key], bool):  # --deterministic / --no-deterministic, ...
-            argv.append(f"--{key}" if saved[key] else f"--no-{key}")
-        else:
-            argv.append(f"--{key}={saved[key]}")  # refused by the parser, with the flag's name
+    argv = as_command_line({key: saved[key] for key in RESUMED_FLAGS if key in saved})
     try:
-        stored, unknown = parser.parse_known_args(argv)
+        stored, unknown = build_parser(exit_on_error=False).parse_known_args(argv)
         if unknown:
             raise argparse.ArgumentError(None, f"unexpected {' '.join(unknown)}")
     except argparse.ArgumentError as error:
@@ -1180,23 +1188,30 @@ def sweep(runs: list[argparse.Namespace], device: torch.device, stop: "StopFlag"
     return results
 
 
-def not_started() -> dict:
-    return dict.fromkeys(SWEEP_METRICS) | {"run_dir": None, "status": "not started"}
+def sweep_row(status: str, run_dir: str | Path | None = None, metrics: dict | None = None) -> dict:
+    """A point's columns of the sweep table: its best validation accuracy, its test accuracy and
+    loss (empty unless it finished), its folder and how it ended."""
+    metrics = metrics or {}
+    return {"validation_accuracy": metrics.get("best_validation_accuracy"),
+            "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
+            "run_dir": run_dir, "status": status}
+
+
+def stopped_row(run_dir: str | Path | None) -> dict:
+    return sweep_row(f"stopped: --resume {run_dir}" if run_dir else "stopped", run_dir)
 
 
 def run_points_in_turn(runs: list[argparse.Namespace], device: torch.device,
                        stop: "StopFlag") -> tuple[list[dict], "Interrupted | None"]:
     outcomes, interrupted = [], None
     for index, one_run in enumerate(runs, start=1):
-        outcome = not_started()
+        outcome = sweep_row("not started")
         if interrupted is None:
             report(f"\n=== Sweep run {index}/{len(runs)}: {point_name(one_run)}")
             try:
                 outcome = run_point(one_run, device, stop)
             except Interrupted as stopped:
-                interrupted = stopped
-                resume_with = f": --resume {stopped.run_dir}" if stopped.run_dir else ""
-                outcome |= {"run_dir": stopped.run_dir, "status": f"stopped{resume_with}"}
+                interrupted, outcome = stopped, stopped_row(stopped.run_dir)
         outcomes.append(outcome)
     return outcomes, interrupted
 
@@ -1205,20 +1220,14 @@ def point_name(one_run: argparse.Namespace) -> str:
     return ", ".join(f"{key}={getattr(one_run, key)}" for key in SWEEP_FLAGS)
 
 
-SWEEP_METRICS = ("validation_accuracy", "test_accuracy", "test_loss")  # the sweep table's columns
-
-
 def run_point(one_run: argparse.Namespace, device: torch.device, stop: "StopFlag") -> dict:
-    """One point of a sweep: its best validation accuracy, its test accuracy and loss, whether it
-    failed, and its folder."""
+    """One point of a sweep, run in this process: its row of the table."""
     try:
         metrics = run(one_run, device, None, stop) or {}
     except UserError as error:
         report(f"error: {error}", every_node=True)
-        return dict.fromkeys(SWEEP_METRICS) | {"run_dir": None, "status": f"failed: {error}"}
-    return {"validation_accuracy": metrics.get("best_validation_accuracy"),
-            "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
-            "run_dir": metrics.get("run_dir"), "status": "ok"}
+        return sweep_row(f"failed: {error}")
+    return sweep_row("ok", metrics.get("run_dir"), metrics)
 
 
 def write_sweep_table(results: list[dict], path: Path) -> None:
@@ -1253,7 +1262,7 @@ def run_points_in_processes(runs: list[argparse.Namespace], jobs: int,
     threads = max(1, (os.cpu_count() or 1) // jobs)
     gpus = torch.cuda.device_count() if runs[0].device.type == "cuda" else 0
     stop.on_signal = "stopping every run under way; each saves its state..."
-    outcomes = [not_started() for _ in runs]
+    outcomes = [sweep_row("not started") for _ in runs]
     waiting, running, passed_on = list(range(len(runs))), {}, False
     with tempfile.TemporaryDirectory() as logs:
         while running or (waiting and stop.signum is None):
@@ -1287,15 +1296,8 @@ def start_point(one_run: argparse.Namespace, threads: int, gpu: str | None, log:
 
 def command_line(one_run: argparse.Namespace) -> list[str]:
     """The flags that make `python train_mnist.py` run this one point of a sweep."""
-    argv = []
-    for key, value in vars(one_run).items():
-        if value is None or key in NOT_PASSED_ON:
-            continue
-        if isinstance(value, bool):
-            argv.append(f"--{key}" if value else f"--no-{key}")
-        else:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return as_command_line({key: value for key, value in vars(one_run).items()
+                            if value is not None and key not in NOT_PASSED_ON})
 
 
 def outcome_of(returncode: int, console: str) -> dict:
@@ -1306,15 +1308,10 @@ def outcome_of(returncode: int, console: str) -> dict:
     lines = console.splitlines()
     run_dir = last("Run directory: ")
     if returncode == 0 and run_dir:
-        metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
-        return {"validation_accuracy": metrics["best_validation_accuracy"],
-                "test_accuracy": metrics["test_accuracy"], "test_loss": metrics["test_loss"],
-                "run_dir": run_dir, "status": "ok"}
-    row = dict.fromkeys(SWEEP_METRICS)
+        return sweep_row("ok", run_dir, json.loads((Path(run_dir) / "metrics.json").read_text()))
     if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-        resume = last("Resume with: python train_mnist.py --resume ")
-        return row | {"run_dir": resume, "status": f"stopped: --resume {resume}" if resume else "stopped"}
-    return row | {"run_dir": None, "status": f"failed: {last('error: ') or f'exit code {returncode}'}"}
+        return stopped_row(last("Resume with: python train_mnist.py --resume "))
+    return sweep_row(f"failed: {last('error: ') or f'exit code {returncode}'}")
 
 
 # --- Signals: Ctrl-C and SIGTERM stop at a safe point, with the state saved ---------------
