@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -227,6 +228,17 @@ def assert_same_weights(first: dict, second: dict) -> None:
     assert first.keys() == second.keys()
     for key, tensor in first.items():
         assert torch.equal(tensor, second[key]), key
+
+
+def event_points(run_dir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every point in the run's event files, read raw: a duplicate shows, and the
+    files of two sessions in one test process may sort out of time order by name, unharmed."""
+    return [(value.tag, event.step) for path in sorted(run_dir.glob("events.out.tfevents.*"))
+            for event in EventFileLoader(str(path)).Load() for value in event.summary.value]
+
+
+def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:
+    return sorted(step for point_tag, step in points if point_tag == tag)
 
 
 def metrics_of(run_dir: Path) -> dict:

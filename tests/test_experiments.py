@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
 import train_mnist
 from conftest import (
@@ -19,10 +18,12 @@ from conftest import (
     INTERRUPTIBLE,
     STEPS_PER_EPOCH,
     assert_same_weights,
+    event_points,
     metrics_of,
     one_line_error,
     signal_in_a_later_epoch,
     start_script,
+    steps_of,
     weights,
     write_mnist,
 )
@@ -91,14 +92,6 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
 
 
-def scalar_steps(run_dir: Path, tag: str) -> list[int]:
-    """The steps of a curve's points in all the run's event files, read raw (a duplicate shows), in
-    order. The files of two sessions in one test process may sort out of time order by name."""
-    return sorted(event.step for path in run_dir.glob("events.out.tfevents.*")
-                  for event in EventFileLoader(str(path)).Load() for value in event.summary.value
-                  if value.tag == tag)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "times"), [(signal.SIGINT, 5), (signal.SIGTERM, 1)],
                          ids=["five Ctrl-C", "SIGTERM"])
@@ -128,9 +121,10 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptib
     assert resumed.keys() == uninterrupted.keys()
     for key, value in uninterrupted.items():  # same weights; a float32 ulp in the loss
         assert resumed[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
-    assert scalar_steps(run_dir, "training loss/per step") == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
-    assert scalar_steps(run_dir, "training loss") == list(range(1, EPOCHS + 1))
-    assert scalar_steps(run_dir, "learning rate") == scalar_steps(uninterrupted_run, "learning rate")
+    points = event_points(run_dir)
+    assert steps_of(points, "training loss/per step") == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert steps_of(points, "training loss") == list(range(1, EPOCHS + 1))
+    assert steps_of(points, "learning rate") == steps_of(event_points(uninterrupted_run), "learning rate")
 
 
 def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
@@ -271,7 +265,7 @@ def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, c
     assert "has finished its 1 epochs" in capsys.readouterr().err
     assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--device", "cpu"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
-    assert scalar_steps(run_dir, "training loss") == [1, 2]
+    assert steps_of(event_points(run_dir), "training loss") == [1, 2]
     for epoch in ("00001", "00002"):  # the first embedding is kept beside the new one
         assert (run_dir / epoch / "train features" / "tensors.tsv").exists()
 

@@ -17,9 +17,11 @@ import train_mnist
 from conftest import (
     INTERRUPTIBLE,
     assert_same_weights,
+    event_points,
     metrics_of,
     one_line_error,
     start_script,
+    steps_of,
     train_in_process,
     wait_for_epoch,
     weights,
@@ -34,16 +36,6 @@ CPU = torch.device("cpu")
 
 def config_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "config.json").read_text())
-
-
-def event_points(run_dir: Path) -> list[tuple[str, int]]:
-    """(tag, step) of every point in the run's event files, read raw: a duplicate shows."""
-    return [(value.tag, event.step) for path in sorted(run_dir.glob("events.out.tfevents.*"))
-            for event in EventFileLoader(str(path)).Load() for value in event.summary.value]
-
-
-def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:
-    return sorted(step for point_tag, step in points if point_tag == tag)
 
 
 # --- Flags given again apply after the state is loaded --------------------------------------
