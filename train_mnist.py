@@ -1255,12 +1255,16 @@ NOT_PASSED_ON = {"resume", "evaluate", "predict", "checkpoint", "save_inputs", "
 
 def run_points_in_processes(runs: list[argparse.Namespace], jobs: int,
                             stop: "StopFlag") -> tuple[list[dict], "Interrupted | None"]:
-    """Up to `jobs` points at once, each `python train_mnist.py` of its own: on the CPU with its
-    share of the cores (a second thread buys a small network little; a second process, a second
-    run), with several GPUs one each in turn. A point's console goes to a log; its results come
-    from its run folder. A signal is passed on to every run under way, which saves its state."""
+    """Up to `jobs` points at once, each in a process of its own: on the CPU a fork of this one
+    with its share of the cores (a second thread buys a small network little; a second process, a
+    second run), with several GPUs a new `python train_mnist.py` on each GPU in turn. A point's
+    console goes to a log; its results come from its run folder. A signal is passed on to every
+    run under way, which saves its state."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     gpus = torch.cuda.device_count() if runs[0].device.type == "cuda" else 0
+    fork = runs[0].device.type == "cpu" and hasattr(os, "fork")  # CUDA does not survive a fork
+    if fork:
+        import_before_forking()
     stop.on_signal = "stopping every run under way; each saves its state..."
     outcomes = [sweep_row("not started") for _ in runs]
     waiting, running, passed_on = list(range(len(runs))), {}, False
@@ -1269,7 +1273,7 @@ def run_points_in_processes(runs: list[argparse.Namespace], jobs: int,
             while waiting and len(running) < jobs and stop.signum is None:
                 index = waiting.pop(0)
                 gpu = str(index % gpus) if gpus > 1 else None
-                running[index] = start_point(runs[index], threads, gpu, Path(logs) / f"{index}.log")
+                running[index] = start_point(runs[index], threads, gpu, Path(logs) / f"{index}.log", fork)
                 report(f"=== Sweep run {index + 1}/{len(runs)} started: {point_name(runs[index])}")
             if stop.signum is not None and not passed_on:
                 for process in running.values():
@@ -1285,13 +1289,60 @@ def run_points_in_processes(runs: list[argparse.Namespace], jobs: int,
     return outcomes, None if stop.signum is None else Interrupted(stop.signum)
 
 
-def start_point(one_run: argparse.Namespace, threads: int, gpu: str | None, log: Path) -> subprocess.Popen:
+def import_before_forking() -> None:
+    """Imported once here, what every run imports on first use, so that the forks share it: torch
+    imports its compiler, torch._dynamo, as the first optimizer is built; pyplot draws the figures."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])
+    pyplot()
+
+
+def start_point(one_run: argparse.Namespace, threads: int, gpu: str | None, log: Path,
+                fork: bool) -> "subprocess.Popen | ForkedRun":
+    """A new process for one point: a fork of this one, which has torch and the rest loaded
+    already, or else a fresh `python train_mnist.py`, which spends seconds importing them."""
+    if fork:
+        return ForkedRun(command_line(one_run), threads, log)
     environment = os.environ | {"OMP_NUM_THREADS": str(threads)}  # torch's thread count
     if gpu is not None:
         environment["CUDA_VISIBLE_DEVICES"] = gpu
     with open(log, "w") as console:
         return subprocess.Popen([sys.executable, __file__, *command_line(one_run)], stdout=console,
                                 stderr=subprocess.STDOUT, env=environment)
+
+
+class ForkedRun:
+    """`main(argv)` in a fork of this process, its console written to `log`; polled and signalled
+    like a subprocess.Popen. Forking is safe for torch only before this process has run work on
+    several threads (OpenMP's threads do not survive a fork, and a child waiting for them hangs):
+    a sweep's supervising process trains nothing itself."""
+
+    def __init__(self, argv: list[str], threads: int, log: Path) -> None:
+        self.returncode: int | None = None
+        sys.stdout.flush()  # or the child would print this process's pending output again
+        sys.stderr.flush()
+        with open(log, "w") as console:
+            self.pid = os.fork()
+            if self.pid == 0:
+                os.dup2(console.fileno(), sys.stdout.fileno())
+                os.dup2(console.fileno(), sys.stderr.fileno())
+                torch.set_num_threads(threads)
+                exit_code = 1
+                try:
+                    exit_code = main(argv)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(exit_code)  # never return into the parent's code
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, wait_status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(wait_status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
 
 
 def command_line(one_run: argparse.Namespace) -> list[str]:

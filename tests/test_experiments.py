@@ -21,6 +21,7 @@ from conftest import (
     event_points,
     metrics_of,
     one_line_error,
+    run_script,
     signal_in_a_later_epoch,
     start_script,
     steps_of,
@@ -364,25 +365,33 @@ def sweep_table(log_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_parallel_sweep_gives_the_rows_of_a_sequential_one_and_survives_a_failed_point(
-        tmp_path, synthetic_data, capsys):
+        tmp_path, synthetic_data, capsys, monkeypatch):
     grid = ["--lr", "0.05", "1e6", "--batch-size", "32", "64", "--epochs", "1", "--num-embeddings", "0",
             "--val-size", "64", "--device", "cpu", "--data-dir", str(synthetic_data)]
-    rows = {}
-    for jobs in ("1", "2"):
-        assert train_mnist.main([*grid, "--log-dir", str(tmp_path / jobs), "--jobs", jobs]) == 0
-        rows[jobs] = {(row["lr"], row["batch_size"]): row for row in sweep_table(tmp_path / jobs)}
-    assert rows["1"].keys() == rows["2"].keys() and len(rows["2"]) == 4
-    for point, row in rows["2"].items():
-        sequential = rows["1"][point]
-        if point[0] == "1000000.0":  # diverges: reported, and the other points still ran
-            assert row["status"].startswith("failed: training diverged")
-            assert sequential["status"] == row["status"]
-            continue
-        assert row["status"] == "ok" and Path(row["run_dir"]).parent == tmp_path / "2"
-        # One thread each instead of two: the same run, up to float rounding.
-        assert float(row["test_accuracy"]) == pytest.approx(float(sequential["test_accuracy"]), abs=0.003)
+    assert train_mnist.main([*grid, "--log-dir", str(tmp_path / "in turn")]) == 0
+    # Forks of a fresh `python train_mnist.py`, as a user runs it.
+    forked = run_script(*grid, "--log-dir", str(tmp_path / "forked"), "--jobs", "2")
+    assert forked.returncode == 0, forked.stderr
+    assert "=== Sweep run 4/4: " in forked.stderr and "Traceback" not in forked.stdout + forked.stderr
+    # Where there is no fork (Windows) or on CUDA: a new `python train_mnist.py` per point.
+    monkeypatch.delattr(os, "fork")
+    assert train_mnist.main([*grid, "--log-dir", str(tmp_path / "new processes"), "--jobs", "2"]) == 0
     out, err = capsys.readouterr()
     assert "=== Sweep run 4/4: " in err and "Traceback" not in out + err
+
+    sequential = {(row["lr"], row["batch_size"]): row for row in sweep_table(tmp_path / "in turn")}
+    for way in ("forked", "new processes"):
+        rows = {(row["lr"], row["batch_size"]): row for row in sweep_table(tmp_path / way)}
+        assert rows.keys() == sequential.keys() and len(rows) == 4
+        for point, row in rows.items():
+            if point[0] == "1000000.0":  # diverges: reported, and the other points still ran
+                assert row["status"].startswith("failed: training diverged")
+                assert sequential[point]["status"] == row["status"]
+                continue
+            assert row["status"] == "ok" and Path(row["run_dir"]).parent == tmp_path / way
+            # One thread each instead of two: the same run, up to float rounding.
+            assert float(row["test_accuracy"]) == pytest.approx(float(sequential[point]["test_accuracy"]),
+                                                                abs=0.003)
 
 
 @pytest.mark.slow
