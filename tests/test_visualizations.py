@@ -69,18 +69,37 @@ def test_evaluation_class_accuracy_and_confusion_counts():
     assert counts.sum() == 6
 
 
-def test_misclassified_figure_titles_true_and_predicted_labels():
+def test_misclassified_image_shows_each_wrong_digit_twice_as_large_above_its_labels():
     raw = torch.randint(0, 255, (50, 28, 28), dtype=torch.uint8)
     labels = torch.arange(50) % 10
     predictions = labels.clone()
     predictions[[3, 17, 42]] = torch.tensor([5, 0, 9])
-    figure = train_mnist.misclassified_figure(raw, labels, predictions)
-    (axes,) = figure.axes
-    assert [text.get_text() for text in axes.texts] == ["true 3\npred 5", "true 7\npred 0", "true 2\npred 9"]
-    picture = axes.images[0].get_array()
-    assert picture.shape == (48, 6 * 32)  # one row of three digits, each under its title
-    assert np.array_equal(picture[16:44, 2:30], raw[3].numpy())  # the first wrong digit, first place
-    assert np.array_equal(picture[16:44, 66:94], raw[42].numpy())  # the third, third place
+    picture = np.asarray(train_mnist.misclassified_image(raw, labels, predictions))
+    assert picture.shape == (30 + 96, 6 * 72 + 8, 3)  # a title, then one row of six places
+
+    def place(column: int) -> np.ndarray:
+        return picture[30:, 4 + column * 72:4 + (column + 1) * 72, 0]
+
+    for column, index in enumerate([3, 17, 42]):  # in the order of the test set
+        enlarged = raw[index].repeat_interleave(2, 0).repeat_interleave(2, 1).numpy()
+        assert np.array_equal(place(column)[:56, 8:64], enlarged)
+        assert place(column)[58:].min() < 100  # its caption is written under it
+    assert all(place(column).min() == 255 for column in (3, 4, 5))  # three mistakes, three places
+
+
+def test_confusion_image_puts_right_answers_in_blue_and_mistakes_in_red():
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 4)
+    predictions = torch.tensor([0] * 5 + [1, 1, 2] + [2, 2, 7, 7])
+    picture = np.asarray(train_mnist.confusion_image(labels, predictions))
+
+    def background(true: int, predicted: int) -> tuple:  # a cell's corner, clear of its number
+        return tuple(int(value) for value in picture[70 + true * 40 + 3, 44 + predicted * 40 + 3])
+
+    assert all(background(digit, digit) == train_mnist.RIGHT for digit in range(10))
+    assert background(0, 1) == background(9, 3) == train_mnist.PAPER  # never happened: blank
+    once, twice = background(1, 2), background(2, 7)
+    assert all(red > green + 40 for red, green, _ in (once, twice))  # mistakes are red...
+    assert sum(twice) < sum(once)  # ...darker the more often they happened
 
 
 def image_of(events: EventAccumulator, tag: str) -> np.ndarray:
