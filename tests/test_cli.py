@@ -27,18 +27,30 @@ def test_both_spellings_of_multi_word_flags():
     assert underscore.batch_size == [32] and underscore.test_batch_size == 50 and underscore.verify_data
 
 
-def test_help_shows_every_flag_in_its_group_with_its_default(capsys):
+def test_help_shows_every_flag_once_with_its_default_once_and_examples_that_parse(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse(["--help"])
     assert exit_info.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for group in ("training:", "data:", "logging:", "experiments:"):
+    help_text = capsys.readouterr().out
+    text = " ".join(help_text.split())
+    for group in ("training:", "data:", "logging:", "experiments:", "examples:"):
         assert group in text
-    for flag in ("--epochs", "--lr", "--batch_size", "--momentum", "--seed", "--device", "--data-dir",
-                 "--log-dir", "--run-name", "--test-batch-size", "--num-embeddings", "--resume",
-                 "--evaluate"):
-        assert flag in text
-    assert text.count("(default:") >= 12
+    for flag, default in (("--epochs N [N ...]", "6"), ("--lr LR [LR ...]", "0.1"),
+                          ("--batch_size N [N ...]", "128"), ("--momentum M [M ...]", "0.9"),
+                          ("--seed N", "1"), ("--device", "auto"),
+                          ("--data_dir DIR", "data"), ("--log_dir DIR", "runs"),
+                          ("--nesterov, --no-nesterov", "on"), ("--deterministic, --no-deterministic", "off"),
+                          ("--test_batch_size N", "1000")):
+        assert text.count(f" {flag} ") == 1, flag  # one spelling: the dashed ones are said once, below
+        assert f"(default: {default})" in text.split(f" {flag} ", 1)[1].split(" --", 1)[0], flag
+    assert "(default: None)" not in text and "[6]" not in text and "--batch-size N" not in text
+    for flag in ("--resume", "--evaluate", "--run_name"):  # no default, or one said in words: said once
+        assert text.split(f" {flag} ", 1)[1].split(" --", 1)[0].count("(default") <= 1
+    examples = [line.split() for line in help_text.split("examples:")[1].splitlines()
+                if line.startswith("  python train_mnist.py")]
+    assert len(examples) == 5
+    for command in examples:  # each example is a valid command line
+        train_mnist.build_parser().parse_args(command[2:])
 
 
 BAD_FLAGS = [

@@ -1,0 +1,145 @@
+"""Every speed figure of the README, measured in one run on one machine:
+
+  1. start-up: `import torch`, `import train_mnist` and `train_mnist.py --help`, each a new process
+  2. one epoch against the compute floor (benchmarks/epoch_speed.py), at batch 64 and 128
+  3. the default run, `python train_mnist.py`, as a user runs it: its wall time, when its
+     validation accuracy first reached 99%, its test accuracy and the share of its logging
+  4. a 4-point, 1-epoch sweep with --jobs 1 against --jobs <cores>
+
+One heavy job at a time, so that none slows another. Prints Markdown tables for the README.
+
+    pip install -c constraints.txt torchvision   # the course pipeline of part 2 needs it
+    python benchmarks/report.py --data-dir data [--baseline-dir OLD_CHECKOUT]
+
+--baseline-dir also times another checkout's default run (an older commit, say), just before
+this one's, so that the two are compared side by side.
+"""
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import epoch_speed
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = ["--lr", "0.05", "0.1", "--batch_size", "64", "128", "--epochs", "1"]
+
+
+def seconds_of(command: list[str], cwd: Path = REPO) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=cwd)
+    return time.perf_counter() - started
+
+
+def start_up(repeats: int) -> None:
+    commands = {"python -c 'import torch'": [sys.executable, "-c", "import torch"],
+                "python -c 'import train_mnist'": [sys.executable, "-c", "import train_mnist"],
+                "python train_mnist.py --help": [sys.executable, "train_mnist.py", "--help"]}
+    seconds = {name: [] for name in commands}
+    for _ in range(repeats):  # interleaved: a drift in the machine's speed hits all three
+        for name, command in commands.items():
+            seconds[name].append(seconds_of(command))
+    torch_alone = statistics.median(seconds["python -c 'import torch'"])
+    print(f"\n### Start-up (median of {repeats})\n\n| command | seconds | vs import torch |\n|---|---:|---:|")
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        print(f"| `{name}` | {median:.2f} | {median / torch_alone:.2f}x |")
+
+
+def epochs(data_dir: Path, repeats: int) -> None:
+    for batch_size in (64, 128):
+        median = epoch_speed.measure(data_dir, torch.device("cpu"), batch_size, repeats)
+        print(f"\n### One epoch at batch {batch_size} (median of {repeats})\n")
+        epoch_speed.print_table(median, 60_000)
+
+
+def default_run(script: Path, data_dir: Path, log_dir: Path) -> dict:
+    """`python train_mnist.py` with no flags but the folders: wall time, and when the monitored
+    accuracy first reached 99% (from the wall times TensorBoard keeps with each point)."""
+    started = time.time()
+    command = [sys.executable, str(script), "--data_dir", str(data_dir), "--log_dir", str(log_dir)]
+    seconds = seconds_of(command, cwd=script.parent)
+    (run_dir,) = [path for path in log_dir.iterdir() if path.is_dir()]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    # The curve that chose the best epoch: older checkouts, with no validation split, scored the test set.
+    tags = events.Tags()["scalars"]
+    curve = events.Scalars("validation accuracy" if "validation accuracy" in tags else "test accuracy")
+    reached = next((point for point in curve if point.value >= 0.99), None)
+    return {"seconds": seconds, "metrics": metrics,
+            "to_99": None if reached is None else (reached.wall_time - started, reached.step)}
+
+
+def default_runs(data_dir: Path, baseline_dir: Path | None, work: Path) -> None:
+    runs = {"this checkout": REPO / "train_mnist.py"}
+    if baseline_dir:
+        runs = {f"baseline ({baseline_dir})": baseline_dir.resolve() / "train_mnist.py"} | runs
+    results = {name: default_run(script, data_dir, work / f"default-{index}")
+               for index, (name, script) in enumerate(runs.items())}
+    print("\n### The default run, `python train_mnist.py`\n")
+    print("| checkout | wall s | first >= 99% | test accuracy | training s | logging s "
+          "| logging share |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, result in results.items():
+        metrics = result["metrics"]
+        to_99 = "never"
+        if result["to_99"] is not None:
+            to_99 = f"{result['to_99'][0]:.1f} s (epoch {result['to_99'][1]})"
+        logging, share = metrics.get("visualization_seconds"), "-"
+        if logging is not None:
+            logging, share = f"{logging:.2f}", f"{logging / metrics['training_seconds']:.1%}"
+        print(f"| {name} | {result['seconds']:.1f} | {to_99} | {metrics['test_accuracy']:.2%} | "
+              f"{metrics['training_seconds']:.1f} | {logging or '-'} | {share} |")
+    if baseline_dir:
+        baseline, ours = (result["seconds"] for result in results.values())
+        print(f"\nwall time: {ours / baseline:.2f}x the baseline's")
+
+
+def sweeps(data_dir: Path, work: Path) -> None:
+    jobs = os.cpu_count() or 1
+    rows, seconds = {}, {}
+    for way in ("1", str(jobs)):
+        log_dir = work / f"sweep-jobs-{way}"
+        seconds[way] = seconds_of([sys.executable, "train_mnist.py", *SWEEP, "--jobs", way,
+                                   "--data_dir", str(data_dir), "--log_dir", str(log_dir)])
+        (table,) = log_dir.glob("sweep-*.csv")
+        with open(table) as file:
+            rows[way] = {(row["lr"], row["batch_size"]): row for row in csv.DictReader(file)}
+    print(f"\n### A 4-point, 1-epoch sweep: `{' '.join(SWEEP)}`\n")
+    print(f"| point | test accuracy, --jobs 1 | test accuracy, --jobs {jobs} |\n|---|---:|---:|")
+    for point in sorted(rows["1"]):
+        print(f"| lr {point[0]}, batch {point[1]} | {float(rows['1'][point]['test_accuracy']):.2%} | "
+              f"{float(rows[str(jobs)][point]['test_accuracy']):.2%} |")
+    print(f"\nwall time: --jobs 1 {seconds['1']:.1f} s, --jobs {jobs} {seconds[str(jobs)]:.1f} s: "
+          f"{seconds[str(jobs)] / seconds['1']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/raw/")
+    parser.add_argument("--baseline-dir", type=Path, help="another checkout whose default run is timed too")
+    parser.add_argument("--repeats", type=int, default=5, help="start-ups timed per command")
+    parser.add_argument("--epoch-repeats", type=int, default=3, help="epochs timed per pipeline")
+    args = parser.parse_args()
+    data_dir = args.data_dir.resolve()
+    print(f"Machine: {epoch_speed.machine(torch.device('cpu'))}")
+    start_up(args.repeats)
+    epochs(data_dir, args.epoch_repeats)
+    with tempfile.TemporaryDirectory() as work:
+        default_runs(data_dir, args.baseline_dir, Path(work))
+        sweeps(data_dir, Path(work))
+
+
+if __name__ == "__main__":
+    main()
