@@ -205,7 +205,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     add("--log_dir", "--log-dir", type=path_flag, default=Path("runs"), metavar="DIR",
         help="TensorBoard folder; each run gets its own sub-folder")
     add("--run_name", "--run-name", type=folder_name, default=None, metavar="NAME",
-        help="name of this run's folder (default: time stamp and key hyper-parameters)")
+        help="name of this run's folder (default: the hyper-parameters that differ from the defaults, "
+             "then the time: lr0.001_bs64_ep5_1127-182224)")
     add("--num_embeddings", "--num-embeddings", type=non_negative_int, default=256, metavar="N",
         help="training and test digits shown in the projector (0: none)")
 
@@ -992,8 +993,7 @@ def set_determinism(deterministic: bool) -> None:
 
 def make_run_dir(args: argparse.Namespace) -> Path:
     """Create a fresh run folder; two runs never share one, even when started together."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = args.run_name or f"{stamp}_lr{args.lr:g}_bs{args.batch_size}_ep{args.epochs}_mom{args.momentum:g}"
+    base = args.run_name or f"{changed_flags(args)}_{datetime.datetime.now():%m%d-%H%M%S}"
     try:
         args.log_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(1 if args.run_name else 1000):
@@ -1012,6 +1012,24 @@ def make_run_dir(args: argparse.Namespace) -> Path:
                         "its first epoch ended); delete it or pick another --run-name")
     raise UserError(f"run {taken} already exists; pick another --run-name, or continue it with "
                     f"--resume {taken}")
+
+
+NAME_KEYS = {"lr": "lr", "batch_size": "bs", "epochs": "ep", "momentum": "mom", "weight_decay": "wd",
+             "warmup": "warmup", "lr_decay": "decay", "nesterov": "nesterov", "label_smoothing": "ls",
+             "seed": "seed", "deterministic": "det", "val_size": "val", "patience": "patience"}
+
+
+def changed_flags(args: argparse.Namespace) -> str:
+    """The hyper-parameters that differ from the defaults, short, as a run's name begins:
+    `lr0.001_bs64_ep5` for the course's command, `default` for none. TensorBoard cuts long run
+    names, so what tells runs apart comes first, and the time stamp last."""
+    parser, changed = build_parser(), []
+    for key, short in NAME_KEYS.items():
+        value, default = getattr(args, key), parser.get_default(key)
+        if value != (default[0] if isinstance(default, list) else default):
+            switch = short if value else f"no{short}"
+            changed.append(switch if isinstance(value, bool) else f"{short}{value:g}")
+    return "_".join(changed) or "default"
 
 
 def config_of(args: argparse.Namespace, run_dir: Path | None, checkpoint: dict | None = None,

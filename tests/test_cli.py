@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -51,6 +53,17 @@ def test_help_shows_every_flag_once_with_its_default_once_and_examples_that_pars
     assert len(examples) == 5
     for command in examples:  # each example is a valid command line
         train_mnist.build_parser().parse_args(command[2:])
+
+
+@pytest.mark.parametrize(("argv", "differences"), [
+    ([], "default"),
+    (["--epochs=5", "--lr=1e-3", "--batch_size=64"], "lr0.001_bs64_ep5"),
+    (["--no-nesterov", "--seed", "2", "--deterministic", "--momentum", "0.5"], "mom0.5_nonesterov_seed2_det"),
+], ids=["defaults", "course", "switches"])
+def test_a_run_is_named_by_what_differs_from_the_defaults_then_the_time(argv, differences, tmp_path):
+    (one_run,) = train_mnist.expand_sweep(parse([*argv, "--log-dir", str(tmp_path)]))
+    name = train_mnist.make_run_dir(one_run).name
+    assert re.fullmatch(re.escape(differences) + r"_\d{4}-\d{6}", name), name
 
 
 BAD_FLAGS = [

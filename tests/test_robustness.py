@@ -378,8 +378,7 @@ def test_a_taken_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
     args, _ = train_mnist.parse_args(["--epochs", "1", "--log-dir", str(tmp_path), "--device", "cpu"])
     (run_args,) = train_mnist.expand_sweep(args)
     made = [train_mnist.make_run_dir(run_args) for _ in range(3)]  # within one second: the same stamp
-    stamp = made[0].name.split("_")[0]
-    if any(not path.name.startswith(stamp) for path in made):  # the clock passed a second: once more
+    if len({path.name.split("_")[1] for path in made}) > 1:  # the clock passed a second: once more
         made = [train_mnist.make_run_dir(run_args) for _ in range(3)]
     base = made[0].name
     assert [path.name for path in made] == [base, f"{base}_2", f"{base}_3"]
