@@ -89,6 +89,9 @@ HPARAMS = (*SWEEP_FLAGS, "weight_decay", "warmup", "lr_decay", "nesterov", "labe
 RESUMED_FLAGS = (*HPARAMS, "test_batch_size", "num_embeddings", "data_dir")
 VALIDATION_SEED = 0  # seeds the choice of the --val_size held-out images: the same for every run
 STEP_TAGS = ("training loss/per step", "learning rate")  # logged per step; the other tags per epoch
+# TensorBoard sorts tags by name, and groups them by what comes before the first "/": the
+# pictures and histograms are filed under names that sort after the curves, which come first.
+PICTURES = "visualizations/"
 # Events waiting for the SummaryWriter's thread to write them. With TensorBoard's default of 10,
 # add_scalar waits on that thread every 10 events: the 5,160 per-step points of a default run
 # took 0.32 s of the training's time here, and 0.12 s with this queue.
@@ -466,7 +469,8 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
                   + (f" in {WORLD_SIZE} processes" if WORLD_SIZE > 1 else "") + f"; logging to {run_dir}")
         if writer and checkpoint is None:
             with progress.timing_logging(), warnings.catch_warnings():
-                writer.add_image("mnist_images", image_grid(train_set.raw[:64, None] / 255, columns=8))
+                writer.add_image(f"{PICTURES}training digits",
+                                 image_grid(train_set.raw[:64, None] / 255, columns=8))
                 warnings.simplefilter("ignore")  # add_graph traces with torch.jit, which warns of it
                 writer.add_graph(model_without_ddp, train_set.images[:64])
 
@@ -612,7 +616,7 @@ def log_epoch_details(writer: SummaryWriter, net: MNISTNet, evaluation: Evaluati
     for name, parameter in net.named_parameters():
         writer.add_histogram(f"weights/{name}", parameter.detach(), epoch, bins=HISTOGRAM_BINS)
         if parameter.grad is not None:  # the gradient of the epoch's last step
-            writer.add_histogram(f"gradients/{name}", parameter.grad, epoch, bins=HISTOGRAM_BINS)
+            writer.add_histogram(f"weight gradients/{name}", parameter.grad, epoch, bins=HISTOGRAM_BINS)
     for digit, accuracy in enumerate(class_accuracy(evaluation.labels, evaluation.predictions)):
         writer.add_scalar(f"{monitor} accuracy per digit/{digit}", accuracy, epoch)
     filters = net.conv1.weight.detach().cpu()  # (8, 1, 5, 5)
@@ -620,7 +624,7 @@ def log_epoch_details(writer: SummaryWriter, net: MNISTNet, evaluation: Evaluati
     high = filters.amax(dim=(1, 2, 3), keepdim=True)
     scaled = (filters - low) / (high - low).clamp(min=1e-8)  # each filter stretched to [0, 1]
     enlarged = F.interpolate(scaled, scale_factor=8, mode="nearest")  # 5x5 pixels are too small to see
-    writer.add_image("conv1 filters", image_grid(enlarged, columns=8, pad_value=1), epoch)
+    writer.add_image(f"{PICTURES}conv1 filters", image_grid(enlarged, columns=8, pad_value=1), epoch)
 
 
 def image_grid(images: torch.Tensor, columns: int, pad_value: float = 0.0, padding: int = 2) -> torch.Tensor:
@@ -640,8 +644,9 @@ def log_test_figures(writer: SummaryWriter, evaluation: Evaluation, raw_images: 
                      epoch: int) -> None:
     """After training: confusion matrix, misclassified digits, a PR curve per digit."""
     labels, predictions = evaluation.labels, evaluation.predictions
-    for tag, picture in (("confusion matrix", confusion_image(labels, predictions)),
-                         ("misclassified digits", misclassified_image(raw_images, labels, predictions))):
+    for tag, picture in ((f"{PICTURES}confusion matrix", confusion_image(labels, predictions)),
+                         (f"{PICTURES}misclassified digits",
+                          misclassified_image(raw_images, labels, predictions))):
         writer.add_image(tag, np.asarray(picture), epoch, dataformats="HWC")
     probabilities = F.softmax(evaluation.logits, dim=1).cpu()
     for digit in range(10):

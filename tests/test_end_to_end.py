@@ -53,7 +53,7 @@ def test_scalars_have_one_point_per_epoch_or_step(small_run):
 
 
 def test_image_grid_of_64_digits_in_unit_range(small_run):
-    (image,) = load_events(small_run).Images("mnist_images")
+    (image,) = load_events(small_run).Images("visualizations/training digits")
     grid = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
     assert (image.height, image.width) == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits, 2-pixel padding
     assert grid.max() == 255 and 0 < grid.mean() < 128  # digits, not saturated white

@@ -160,7 +160,8 @@ def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_aft
     assert duplicates == []
     assert steps_of(points, "training loss") == [1, 2, 3, 4]
     assert steps_of(points, "training loss/per step") == list(range(1, 41))
-    assert steps_of(points, "confusion matrix") == [4]  # the old run's figures at epoch 3 were purged
+    # The old run's figures at epoch 3 were purged.
+    assert steps_of(points, "visualizations/confusion matrix") == [4]
     assert steps_of(points, "_hparams_/session_start_info") == [0]  # one HPARAMS row
     assert metrics_of(run_dir)["epochs"] == 4
     # The projector: the embeddings made after the checkpoint's epoch (at epoch 3) are gone.

@@ -43,7 +43,7 @@ def events_of(run_dir: Path) -> EventAccumulator:
 def test_weight_and_gradient_histograms_every_epoch(run_dir):
     events = events_of(run_dir)
     for name, _ in MNISTNet().named_parameters():
-        for kind in ("weights", "gradients"):
+        for kind in ("weights", "weight gradients"):
             assert [event.step for event in events.Histograms(f"{kind}/{name}")] == [1, 2]
 
 
@@ -108,10 +108,10 @@ def image_of(events: EventAccumulator, tag: str) -> np.ndarray:
 
 def test_figures_and_filters_are_images(run_dir):
     events = events_of(run_dir)
-    for tag in ("confusion matrix", "misclassified digits"):
+    for tag in ("visualizations/confusion matrix", "visualizations/misclassified digits"):
         picture = image_of(events, tag)
         assert picture.shape[0] >= 100 and picture.shape[1] > 200 and picture.std() > 10
-    filters = events.Images("conv1 filters")
+    filters = events.Images("visualizations/conv1 filters")
     assert [image.step for image in filters] == [1, 2]
     assert (filters[-1].width, filters[-1].height) == (8 * 42 + 2, 42 + 2)  # 8 filters of 40x40, padded
 
@@ -168,11 +168,14 @@ def test_a_real_tensorboard_serves_everything(run_dir):
         assert expected <= set(scalars)
         points = fetch(f"{base}/plugin/scalars/scalars?run=v&tag=training%20loss")
         assert [step for _, step, _ in points] == [1, 2]
-        assert {"mnist_images", "conv1 filters", "confusion matrix", "misclassified digits"} <= set(
-            fetch(f"{base}/plugin/images/tags")["v"])
+        pictures = set(fetch(f"{base}/plugin/images/tags")["v"])
+        assert pictures == {f"visualizations/{name}" for name in ("training digits", "conv1 filters",
+                                                                  "confusion matrix", "misclassified digits")}
+        histograms = set(fetch(f"{base}/plugin/histograms/tags")["v"])
+        # TensorBoard lists tags by name: the curves first, then the pictures and histograms.
+        assert max(scalars) < min(pictures | histograms)
         assert fetch(f"{base}/plugin/graphs/info")["v"]["run_graph"] is True
-        assert "weights/conv1.weight" in fetch(f"{base}/plugin/histograms/tags")["v"]
-        assert "gradients/fc3.weight" in fetch(f"{base}/plugin/histograms/tags")["v"]
+        assert {"weights/conv1.weight", "weight gradients/fc3.weight"} <= histograms
         assert len(fetch(f"{base}/plugin/pr_curves/tags")["v"]) == 10
         assert fetch(f"{base}/plugin/projector/runs") == ["v"]
         embeddings = fetch(f"{base}/plugin/projector/info?run=v")["embeddings"]
