@@ -64,11 +64,13 @@ from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 from tqdm import tqdm
 
 try:
@@ -558,14 +560,12 @@ def log_results(writer: SummaryWriter, tested_net: MNISTNet, config: dict, progr
                 writer.add_embedding(**embedding(tested_net, split, count, seed, predictions),
                                      tag=tag, global_step=epochs)
     metrics = final_metrics(progress, evaluation, len(train_set.labels))
-    # One HPARAMS row, written into this run's own folder: writer.add_hparams would start a
-    # separate sub-run. Its metrics name the run's own curves, whose last points it shows.
-    tags = [*(["validation accuracy", "validation loss"] if config["val_size"] else []), "test accuracy",
-            "test loss"]
-    row = hparams({key: config[key] for key in HPARAMS} | {"changed on resume": changes_on_resume(config)},
-                  dict.fromkeys(tags, 0.0))
-    for summary in row:
-        writer.file_writer.add_summary(summary)
+    # One HPARAMS row, written into this run's own folder (writer.add_hparams would start a
+    # separate sub-run): the columns, typed, then this run's values. The metric columns show the
+    # last points of the run's own curves.
+    writer.file_writer.add_summary(hparams_columns())
+    values = {key: config[key] for key in HPARAMS} | {"changed on resume": changes_on_resume(config)}
+    writer.file_writer.add_summary(hp.hparams_pb(values, trial_id=Path(writer.log_dir).name))
     writer.flush()
     return metrics
 
@@ -728,6 +728,37 @@ def misclassified_image(raw_images: torch.Tensor, labels: torch.Tensor, predicti
         caption = f"true {int(labels[index])}\npred {int(predictions[index])}"
         draw.multiline_text((x + 28, y + 58), caption, font=font(13), fill=INK, anchor="ma", align="center")
     return picture
+
+
+# The HPARAMS columns, with their types: TensorBoard has no integer type (its numbers are all
+# floats, shown with 5 digits: 64.000) and infers none from the values alone.
+ANY_INT, ANY_FLOAT = hp.IntInterval(0, 2**64 - 1), hp.RealInterval(0.0, sys.float_info.max)
+SWITCH, FRACTION = hp.Discrete([False, True]), hp.RealInterval(0.0, 1.0)
+HPARAM_COLUMNS = (
+    hp.HParam("lr", ANY_FLOAT, "lr"), hp.HParam("batch_size", ANY_INT, "batch size"),
+    hp.HParam("epochs", ANY_INT, "epochs"), hp.HParam("momentum", FRACTION, "momentum"),
+    hp.HParam("weight_decay", ANY_FLOAT, "weight decay"), hp.HParam("warmup", FRACTION, "warm-up"),
+    hp.HParam("lr_decay", FRACTION, "lr decay"), hp.HParam("nesterov", SWITCH, "Nesterov"),
+    hp.HParam("label_smoothing", FRACTION, "label smoothing"), hp.HParam("seed", ANY_INT, "seed"),
+    hp.HParam("deterministic", SWITCH, "deterministic"), hp.HParam("val_size", ANY_INT, "validation images"),
+    hp.HParam("patience", ANY_INT, "patience"), hp.HParam("changed on resume", hp.Discrete(["none"])))
+METRIC_COLUMNS = tuple(hp.Metric(tag) for tag in ("validation accuracy", "validation loss", "test accuracy",
+                                                   "test loss"))
+SHOWN_FIRST = {*SWEEP_FLAGS, "seed"}  # what tells the runs of a sweep, or of seeds, apart
+
+
+def hparams_columns() -> Summary:
+    """TensorBoard's declaration of the HPARAMS columns. It shows five hyper-parameters at first,
+    those marked as differing between runs, by name: marked here are the ones that usually do."""
+    summary = hp.hparams_config_pb(HPARAM_COLUMNS, METRIC_COLUMNS)
+    plugin_data = summary.value[0].metadata.plugin_data
+    declaration = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
+    for column in declaration.experiment.hparam_infos:
+        column.differs = column.name in SHOWN_FIRST
+        if column.name == "changed on resume":  # any text: no list of values to filter by
+            column.ClearField("domain_discrete")
+    plugin_data.content = declaration.SerializeToString()
+    return summary
 
 
 @torch.no_grad()

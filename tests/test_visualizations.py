@@ -183,15 +183,29 @@ def test_a_real_tensorboard_serves_everything(run_dir):
         assert all(e["tensorShape"] == [30, 256] and "sprite" in e for e in embeddings)
 
         experiment = fetch(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
-        hparam_names = {info["name"] for info in experiment["hparamInfos"]}
-        assert {"lr", "batch_size", "epochs", "momentum", "seed"} <= hparam_names
+        # Every column, with its type: TensorBoard's numbers are all FLOAT64 (it has no integer
+        # type); the switches are booleans and the resume history is text.
+        types = {info["name"]: info.get("type") for info in experiment["hparamInfos"]}
+        switches = ("nesterov", "deterministic")
+        numbers = ("lr", "batch_size", "epochs", "momentum", "weight_decay", "warmup", "lr_decay",
+                   "label_smoothing", "seed", "val_size", "patience")
+        expected = (dict.fromkeys(numbers, "DATA_TYPE_FLOAT64") | dict.fromkeys(switches, "DATA_TYPE_BOOL")
+                    | {"changed on resume": "DATA_TYPE_STRING"})
+        assert types == expected
+        shown_first = {info["name"] for info in experiment["hparamInfos"] if info.get("differs")}
+        assert shown_first == {"lr", "batch_size", "epochs", "momentum", "seed"}  # TensorBoard shows five
         assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {
             "validation accuracy", "validation loss", "test accuracy", "test loss"}
         groups = fetch(f"{base}/plugin/hparams/session_groups", {
             "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [],
             "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
         (group,) = groups["sessionGroups"]
+        assert group["name"] == "v"  # the trial's name is the run's
+        config = json.loads((run_dir / "config.json").read_text())
         assert group["hparams"]["lr"] == pytest.approx(0.05)
+        assert group["hparams"]["batch_size"] == config["batch_size"]
+        assert group["hparams"]["nesterov"] is True and group["hparams"]["deterministic"] is False
+        assert group["hparams"]["changed on resume"] == "none"
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metric = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
         assert metric["test accuracy"] == pytest.approx(metrics["test_accuracy"])  # side by side
