@@ -3,7 +3,9 @@
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,20 +61,58 @@ def test_both_processes_end_with_identical_weights(ddp_run):
     assert all(torch.equal(rank0[key], saved["model"][key]) for key in rank0)
 
 
-def test_matches_one_process_with_the_same_global_batch(ddp_run, data_dir, tmp_path):
-    run_dir, weights_dir = ddp_run
+@pytest.fixture(scope="module")
+def one_process_run(data_dir, tmp_path_factory) -> Path:
+    """One process with batch 32: the global batch of the two-process runs."""
+    log_dir = tmp_path_factory.mktemp("one-process")
     argv = [*COMMON, "--epochs", "2", "--batch-size", "32", "--data-dir", str(data_dir), "--log-dir",
-            str(tmp_path), "--run-name", "single"]
+            str(log_dir), "--run-name", "single"]
     assert train_mnist.main(argv) == 0
-    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
-    parallel = json.loads((run_dir / "metrics.json").read_text())
-    assert parallel["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.01)
-    # The two processes' batches together are exactly the one process's batch, and DDP averages
-    # their gradients: the weights differ only by float rounding.
-    single_weights = torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    parallel_weights = torch.load(weights_dir / "rank0.pt", weights_only=True)
+    return log_dir / "single"
+
+
+def assert_trained_alike(one_process_run: Path, two_processes_weights: dict) -> None:
+    """The two processes' batches together are exactly the one process's batch, and DDP averages
+    their gradients: the weights differ only by float rounding."""
+    single_weights = torch.load(one_process_run / "checkpoints" / "last.pt", weights_only=True)["model"]
     for key in single_weights:
-        torch.testing.assert_close(parallel_weights[key], single_weights[key], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(two_processes_weights[key], single_weights[key], rtol=1e-3, atol=1e-4)
+
+
+def test_matches_one_process_with_the_same_global_batch(ddp_run, one_process_run):
+    run_dir, weights_dir = ddp_run
+    single, parallel = metrics_of(one_process_run), metrics_of(run_dir)
+    assert parallel["test_accuracy"] == pytest.approx(single["test_accuracy"], abs=0.01)
+    assert_trained_alike(one_process_run, torch.load(weights_dir / "rank0.pt", weights_only=True))
+
+
+def test_two_machines_run_as_two_torchrun_agents_on_this_one(data_dir, one_process_run, tmp_path):
+    """The README's multi-node command with both nodes here: --nnodes=2, one process each,
+    meeting at a c10d rendezvous on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=mnist",
+               str(REPO / "tests" / "ddp_worker.py"), str(weights_dir), *COMMON, "--epochs", "2",
+               "--batch-size", "16", "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")]
+    agents = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    try:
+        consoles = [agent.communicate(timeout=300) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    for agent, (out, err) in zip(agents, consoles):
+        assert agent.returncode == 0 and "Traceback" not in out + err, err[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()  # one run folder, from process 0
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["world_size"] == 2
+    assert "Test accuracy: " in "".join(out for out, _ in consoles)
+    ranks = [torch.load(weights_dir / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
+    assert_trained_alike(one_process_run, ranks[0])
 
 
 def test_a_two_process_checkpoint_evaluates_in_one_process_to_the_reported_accuracy(ddp_run, capsys):
