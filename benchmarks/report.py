@@ -4,7 +4,7 @@
   2. one epoch against the compute floor (benchmarks/epoch_speed.py), at batch 64 and 128
   3. the default run, `python train_mnist.py`, as a user runs it: its wall time, when its
      validation accuracy first reached 99%, its test accuracy and the share of its logging
-  4. a 4-point, 1-epoch sweep with --jobs 1 against --jobs <cores>
+  4. a 4-point, 1-epoch sweep with --jobs 1 against --jobs <cores>, alternated
 
 One heavy job at a time, so that none slows another. Prints Markdown tables for the README.
 
@@ -105,23 +105,28 @@ def default_runs(data_dir: Path, baseline_dir: Path | None, work: Path) -> None:
         print(f"\nwall time: {ours / baseline:.2f}x the baseline's")
 
 
-def sweeps(data_dir: Path, work: Path) -> None:
-    jobs = os.cpu_count() or 1
-    rows, seconds = {}, {}
-    for way in ("1", str(jobs)):
-        log_dir = work / f"sweep-jobs-{way}"
-        seconds[way] = seconds_of([sys.executable, "train_mnist.py", *SWEEP, "--jobs", way,
-                                   "--data_dir", str(data_dir), "--log_dir", str(log_dir)])
-        (table,) = log_dir.glob("sweep-*.csv")
-        with open(table) as file:
-            rows[way] = {(row["lr"], row["batch_size"]): row for row in csv.DictReader(file)}
+def sweeps(data_dir: Path, work: Path, repeats: int) -> None:
+    """The same sweep with --jobs 1 and --jobs <cores>, alternated `repeats` times: the machine's
+    speed drifts, and each pair is side by side."""
+    jobs = str(os.cpu_count() or 1)
+    rows, seconds = {}, {"1": [], jobs: []}
+    for repeat in range(repeats):
+        for way in ("1", jobs):
+            log_dir = work / f"sweep-{repeat}-jobs-{way}"
+            seconds[way].append(seconds_of([sys.executable, "train_mnist.py", *SWEEP, "--jobs", way,
+                                            "--data_dir", str(data_dir), "--log_dir", str(log_dir)]))
+            (table,) = log_dir.glob("sweep-*.csv")
+            with open(table) as file:
+                rows[way] = {(row["lr"], row["batch_size"]): row for row in csv.DictReader(file)}
     print(f"\n### A 4-point, 1-epoch sweep: `{' '.join(SWEEP)}`\n")
     print(f"| point | test accuracy, --jobs 1 | test accuracy, --jobs {jobs} |\n|---|---:|---:|")
     for point in sorted(rows["1"]):
         print(f"| lr {point[0]}, batch {point[1]} | {float(rows['1'][point]['test_accuracy']):.2%} | "
-              f"{float(rows[str(jobs)][point]['test_accuracy']):.2%} |")
-    print(f"\nwall time: --jobs 1 {seconds['1']:.1f} s, --jobs {jobs} {seconds[str(jobs)]:.1f} s: "
-          f"{seconds[str(jobs)] / seconds['1']:.2f}x")
+              f"{float(rows[jobs][point]['test_accuracy']):.2%} |")
+    pairs = ", ".join(f"{one:.1f} s against {many:.1f} s" for one, many in zip(seconds["1"], seconds[jobs]))
+    one, many = statistics.median(seconds["1"]), statistics.median(seconds[jobs])
+    print(f"\nwall time, --jobs 1 against --jobs {jobs}: {pairs}; medians {one:.1f} s and {many:.1f} s: "
+          f"{many / one:.2f}x")
 
 
 def main() -> None:
@@ -130,7 +135,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="folder holding MNIST/raw/")
     parser.add_argument("--baseline-dir", type=Path, help="another checkout whose default run is timed too")
     parser.add_argument("--repeats", type=int, default=5, help="start-ups timed per command")
-    parser.add_argument("--epoch-repeats", type=int, default=3, help="epochs timed per pipeline")
+    parser.add_argument("--epoch-repeats", type=int, default=5, help="epochs timed per pipeline")
+    parser.add_argument("--sweep-repeats", type=int, default=3, help="sweeps timed each way")
     args = parser.parse_args()
     data_dir = args.data_dir.resolve()
     print(f"Machine: {epoch_speed.machine(torch.device('cpu'))}")
@@ -138,7 +144,7 @@ def main() -> None:
     epochs(data_dir, args.epoch_repeats)
     with tempfile.TemporaryDirectory() as work:
         default_runs(data_dir, args.baseline_dir, Path(work))
-        sweeps(data_dir, Path(work))
+        sweeps(data_dir, Path(work), args.sweep_repeats)
 
 
 if __name__ == "__main__":
