@@ -456,7 +456,7 @@ def test_soak_concurrent_interrupted_and_resumed_runs(tmp_path, interruptible_da
     assert len(set(finished)) == 3
     suffixes = collections.defaultdict(list)  # runs that started in the same second share a base name
     for run_dir in finished:
-        base, suffix = re.fullmatch(r"(.*_mom0\.9)(?:_(\d+))?", run_dir.name).groups()
+        base, suffix = re.fullmatch(r"(.*_\d{4}-\d{6})(?:_(\d+))?", run_dir.name).groups()
         suffixes[base].append(int(suffix or 1))
     assert all(sorted(numbers) == list(range(1, len(numbers) + 1)) for numbers in suffixes.values())
     for run_dir in finished:
