@@ -114,9 +114,10 @@ def measure(data_dir: Path, device: torch.device, batch_size: int, repeats: int)
                  "course": lambda: time_course(course_loader(data_dir, batch_size), device)}
     time_floor(batches[:50], device)  # warm-up: allocator, kernels
     seconds = {name: [] for name in pipelines}
+    names = list(pipelines)
     for repeat in range(repeats):  # interleaved, so drifts in machine speed hit all three
-        for name, time_one in pipelines.items():
-            seconds[name].append(time_one())
+        for name in names[repeat % 3:] + names[:repeat % 3]:  # each in every place in turn
+            seconds[name].append(pipelines[name]())
         print(f"batch {batch_size}, repeat {repeat + 1}: "
               + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in seconds.items()), file=sys.stderr)
     return {name: statistics.median(values) for name, values in seconds.items()}

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 TABS = {  # TensorBoard tab (the URL fragment): window size, wide enough for what the tab shows
+    "timeseries": "1400,900",
     "scalars": "1400,900",
     "graphs": "1400,700",
     "images": "1400,900",
