@@ -18,12 +18,11 @@ import urllib.request
 from pathlib import Path
 
 TABS = {  # TensorBoard tab (the URL fragment): window size, wide enough for what the tab shows
-    "timeseries": "1400,900",
     "scalars": "1400,900",
     "graphs": "1400,700",
     "images": "1400,900",
     "projector": "1400,900",
-    "hparams": "2000,500",
+    "hparams": "1900,420",
 }
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
