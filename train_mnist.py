@@ -34,6 +34,7 @@ import csv
 import dataclasses
 import datetime
 import errno
+import functools
 import gc
 import gzip
 import hashlib
@@ -54,7 +55,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -670,6 +671,7 @@ PAPER, INK, FAINT = (255, 255, 255), (30, 30, 30), (225, 225, 225)
 RIGHT, WRONG = (205, 222, 245), (200, 40, 30)  # a right answer's blue, the colour of mistakes
 
 
+@functools.cache  # a figure writes a hundred numbers in three sizes: each size loaded once
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)  # Pillow's own font: nothing to install
 
@@ -1452,9 +1454,7 @@ class ForkedRun:
                 try:
                     exit_code = main(argv)
                 finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(exit_code)  # never return into the parent's code
+                    leave(exit_code)  # never return into the parent's code
 
     def poll(self) -> int | None:
         if self.returncode is None:
@@ -1545,6 +1545,15 @@ class StopFlag:
         if signum and self.signum is None:
             self.signum = signum  # another process got the signal: stop with it
         return signum != 0
+
+
+def leave(exit_code: int) -> NoReturn:
+    """End this process now, its console flushed, without the interpreter's teardown: Python puts
+    the default signal handlers back for it, and a Ctrl-C in that last moment would end the
+    process without a word. Everything is written and closed by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def report_interrupt(interrupted: BaseException) -> int:
@@ -1937,10 +1946,4 @@ def stop_if_diverged(net: MNISTNet, loss_sum: float, epoch: int, lr: float) -> N
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Leave without the interpreter's teardown: Python puts the default signal handlers back for
-    # it, and a Ctrl-C in that last moment would end the process without a word. Everything is
-    # written and closed by now.
-    os._exit(exit_code)
+    leave(main())
