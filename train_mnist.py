@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
 
     with open_run(state, step) as writer:  # a SummaryWriter in process 0, None in the others
         if writer and not history:
-            log_samples(writer, model_without_ddp, train_set)
+            log_start(writer, model_without_ddp, train_set, state["config"])
         for epoch in range(len(history) + 1, args.epochs + 1):
             train_loader.set_epoch(epoch)
             started = time.perf_counter()
@@ -395,7 +396,7 @@ def named_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--predict needs --checkpoint (and --checkpoint and --save-inputs need --predict)")
     if args.predict or args.evaluate:
         path = args.checkpoint or args.evaluate
-        tested = "best.pt" if args.predict or load_checkpoint(path)["config"]["val_size"] else "last.pt"
+        tested = "best.pt" if args.predict or load_checkpoint(path)["config"].get("val_size") else "last.pt"
         return load_checkpoint(path, in_run_dir=tested)
     return load_checkpoint(args.resume) if args.resume else None
 
@@ -409,10 +410,11 @@ def refuse_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
     if any(len(as_list(getattr(args, key))) > 1 for key in SWEEP_FLAGS):
         parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
     for key, why in (("val_size", "it chose the training images"), ("seed", "it chose the initial weights")):
-        if getattr(args, key) != checkpoint["config"][key]:
+        if getattr(args, key) != checkpoint["config"].get(key, getattr(args, key)):
             parser.error(f"--{key.replace('_', '-')} cannot change on --resume: {why}; start a new run")
-    if args.run_name not in (None, Path(checkpoint["config"]["run_dir"]).name):
-        parser.error(f"--run-name cannot rename a run on --resume: {checkpoint['config']['run_dir']} goes on")
+    run_dir = checkpoint["path"].parent.parent  # <run>/checkpoints/<name>.pt
+    if args.run_name not in (None, run_dir.name):
+        parser.error(f"--run-name cannot rename a run on --resume: it goes on in {run_dir}")
 
 
 def as_list(value: object) -> list:
@@ -533,14 +535,20 @@ HPARAMS = (*SWEEP_FLAGS, "weight_decay", "warmup", "lr_decay", "nesterov", "labe
            "deterministic", "val_size", "patience")
 
 
-def log_samples(writer: SummaryWriter, net: MNISTNet, train_set: Split) -> None:
-    """Once per run: a grid of 64 training digits, and the network's graph traced on them."""
+def log_start(writer: SummaryWriter, net: MNISTNet, train_set: Split, config: dict) -> None:
+    """As a run starts: a grid of 64 training digits, the network's graph traced on them, and the
+    run's HPARAMS row, written into its own folder (add_hparams would make a sub-run of it). The
+    metrics columns show the last points of the run's curves. TensorBoard keeps the first row it
+    reads for a run, so a resumed run's changes are in config.json only."""
     from torchvision.utils import make_grid
 
     writer.add_image(f"{PICTURES}training digits", make_grid(train_set.raw[:64, None] / 255, nrow=8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # add_graph traces with torch.jit, which warns of it
         writer.add_graph(net, train_set.images[:64])
+    writer.file_writer.add_summary(hparams_columns())
+    values = {key: config[key] for key in HPARAMS}
+    writer.file_writer.add_summary(hp.hparams_pb(values, trial_id=Path(writer.log_dir).name))
 
 
 def log_epoch(writer: SummaryWriter, net: MNISTNet, record: dict, evaluation: Evaluation,
@@ -590,9 +598,6 @@ def log_results(writer: SummaryWriter, tested: MNISTNet, state: dict, evaluation
         if config["num_embeddings"]:  # filed under the epoch: <run>/000NN/<tag>/
             writer.add_embedding(**embedding(tested, split, config["num_embeddings"], config["seed"], shown),
                                  tag=tag, global_step=len(history))
-    writer.file_writer.add_summary(hparams_columns(), step)  # into the run's own folder, not a sub-run
-    values = {key: config[key] for key in HPARAMS} | {"changed on resume": changes_on_resume(config)}
-    writer.file_writer.add_summary(hp.hparams_pb(values, trial_id=Path(writer.log_dir).name), step)
     writer.flush()
     metrics = final_metrics(history, evaluation, len(train_set.labels))
     write_json(Path(config["run_dir"]) / "metrics.json", metrics)
@@ -651,12 +656,11 @@ def misclassified_image(raw_images: torch.Tensor, labels: torch.Tensor,
 
 
 def hparams_columns() -> object:
-    """The HPARAMS columns, typed: the switches as booleans, the resume history as text, the rest
-    as numbers (TensorBoard has none for integers). It shows five at first, those marked as
-    differing between runs: the ones that usually do. Then the metrics, the test accuracy first."""
+    """The HPARAMS columns, typed: the switches as booleans, the rest as numbers (TensorBoard has
+    none for integers). It shows five at first, those marked as differing between runs: the ones
+    that usually do. Then the metrics, the test accuracy first."""
     columns = [hp.HParam(key, hp.Discrete([False, True]) if key in ("nesterov", "deterministic") else
                          hp.RealInterval(0.0, sys.float_info.max)) for key in HPARAMS]
-    columns.append(hp.HParam("changed on resume", hp.Discrete(["none"])))
     metrics = [hp.Metric(tag) for tag in ("test accuracy", "validation accuracy", "test loss",
                                           "validation loss")]
     summary = hp.hparams_config_pb(columns, metrics)
@@ -664,8 +668,6 @@ def hparams_columns() -> object:
     declaration = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
     for column in declaration.experiment.hparam_infos:
         column.differs = column.name in (*SWEEP_FLAGS, "seed")
-        if column.name == "changed on resume":  # any text, not a choice among values
-            column.ClearField("domain_discrete")
     plugin_data.content = declaration.SerializeToString()
     return summary
 
@@ -738,7 +740,8 @@ def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
     except Exception as error:  # torch.load raises many types for a file that is no checkpoint
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UserError(f"{path} cannot be loaded safely, so it is refused ({reason})") from None
-    if not isinstance(checkpoint, dict) or {"model", "optimizer", "history", "config"} - checkpoint.keys():
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("config"), dict) or \
+            {"model", "optimizer", "history"} - checkpoint.keys():
         raise UserError(f"{path} is not a train_mnist.py checkpoint (it lacks model, optimizer, ...)")
     return checkpoint | {"path": path}
 
@@ -767,7 +770,7 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
            args: argparse.Namespace) -> dict:
     """The state to go on from the end of the checkpoint's epoch; the flags given again win."""
     restore_model(model_without_ddp, checkpoint)
-    run_dir, epochs = checkpoint["path"].parent.parent, checkpoint["config"]["epochs"]
+    run_dir, epochs = checkpoint["path"].parent.parent, checkpoint["config"].get("epochs", 0)
     if checkpoint["path"].parent.name != "checkpoints":
         raise UserError("--resume continues a run in its folder: give the run folder, or a checkpoint in its "
                         "checkpoints/ folder (use --evaluate to test a loose checkpoint)")
@@ -843,15 +846,9 @@ def config_of(args: argparse.Namespace, run_dir: Path | None, checkpoint: dict |
     if checkpoint is not None:
         saved = checkpoint["config"]
         changed = {key: [saved[key], config[key]] for key in RESUMED_FLAGS if saved.get(key) != config[key]}
-        config["resumed"] = [*saved["resumed"], {"from": str(checkpoint["path"]), **position,
+        config["resumed"] = [*saved.get("resumed", []), {"from": str(checkpoint["path"]), **position,
                                                  "changed": changed}]
     return config
-
-
-def changes_on_resume(config: dict) -> str:
-    """The flags changed by each resume, for the HPARAMS row: e.g. 'lr 0.02->0.05 at step 1876'."""
-    return "; ".join(f"{key} {old}->{new} at step {session['step']}" for session in config["resumed"]
-                     for key, (old, new) in session["changed"].items()) or "none"
 
 
 @contextlib.contextmanager
@@ -859,25 +856,31 @@ def open_run(state: dict, step: int):
     """Process 0 takes the run folder for itself (a second process is refused), writes
     config.json and opens the SummaryWriter. A resumed run's writer has TensorBoard drop what a
     stopped session logged after `step`, the last saved one, so that each point shows once."""
-    run_dir = Path(state["config"]["run_dir"])
+    if not MAIN_PROCESS:
+        yield None
+        return
+    run_dir, thread_failed = Path(state["config"]["run_dir"]), threading.excepthook
+    # The writer's thread would print its failure (a full disk) as a traceback; it is said below.
+    threading.excepthook = lambda failed: issubclass(failed.exc_type, OSError) or thread_failed(failed)
     try:
-        if not MAIN_PROCESS:
-            yield None
-            return
         with FileLock(run_dir / ".lock", timeout=0):
             (run_dir / "metrics.json").unlink(missing_ok=True)  # unfinished until it finishes anew
             write_json(run_dir / "config.json", state["config"])
             with SummaryWriter(run_dir, purge_step=step + 1, max_queue=EVENT_QUEUE) as writer:
+                print(f"Training on {state['config']['device']} with seed {state['config']['seed']}"
+                      + (f" in {WORLD_SIZE} processes" if DISTRIBUTED else "") + f"; logging to {run_dir}")
                 yield writer
     except Timeout:
         raise UserError(f"run {run_dir} is in use by another process; wait for it to end, or stop "
                         "it first") from None
-    except OSError as error:  # the TensorBoard writer's, or a file that cannot be written
-        raise UserError(f"cannot write {error.filename or run_dir}: {error.strerror}; "
-                        f"{how_to_fix(error, '--log-dir')}") from None
+    except OSError as error:  # a file that cannot be written, or the event file (in the writer's thread)
+        path = error.filename or max(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime)
+        raise UserError(f"cannot write {path}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
     except Stopped as stopped:
         stopped.run_dir = run_dir
         raise
+    finally:
+        threading.excepthook = thread_failed
 
 
 def final_metrics(history: list[dict], evaluation: Evaluation, train_count: int) -> dict:
@@ -945,9 +948,11 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
         for number, point in enumerate(points if args.jobs == 1 or DISTRIBUTED else (), 1):
             values = ", ".join(f"{key}={getattr(point, key)}" for key in SWEEP_FLAGS)
             report(f"\n=== Sweep run {number}/{len(points)}: {values}")
-            rows[number - 1] |= run_point(point, device)
-            if SIGNALS:  # Ctrl-C stopped this point: start no other
-                raise Stopped(SIGNALS[0])
+            try:
+                rows[number - 1] |= run_point(point, device)
+            except Stopped as stopped:  # Ctrl-C: start no other point
+                rows[number - 1] |= stopped_row(stopped)
+                raise
     finally:
         ranked_by = "validation_accuracy" if args.val_size else "test_accuracy"  # not the test set, if it can
         rows.sort(key=lambda row: -1 if row[ranked_by] is None else row[ranked_by], reverse=True)
@@ -969,9 +974,11 @@ def run_point(point: argparse.Namespace, device: torch.device) -> dict:
     except UserError as error:
         report(f"error: {error}", every_node=True)
         return sweep_row(f"failed: {error}")
-    except Stopped as stopped:
-        return sweep_row(f"stopped: --resume {stopped.run_dir}" if stopped.run_dir else "stopped",
-                         {"run_dir": str(stopped.run_dir) if stopped.run_dir else None})
+
+
+def stopped_row(stopped: "Stopped") -> dict:
+    run_dir = {"run_dir": str(stopped.run_dir) if stopped.run_dir else None}
+    return sweep_row(f"stopped: --resume {stopped.run_dir}" if stopped.resumable() else "stopped", run_dir)
 
 
 def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device: torch.device,
@@ -1014,6 +1021,8 @@ def run_in_worker(point: argparse.Namespace, device: torch.device) -> dict:
     handlers = stop_at_signals(stop_now)
     try:
         return run_point(point, device)
+    except Stopped as stopped:
+        return stopped_row(stopped)
     finally:
         stop_at_signals(handlers)
 
@@ -1041,10 +1050,15 @@ class Stopped(Exception):
         super().__init__(signal.Signals(signum).name)
         self.signum, self.run_dir = signum, run_dir
 
+    def resumable(self) -> bool:
+        return bool(self.run_dir and (self.run_dir / "checkpoints" / "last.pt").exists())
+
     def message(self) -> str:
-        if self.run_dir and (self.run_dir / "checkpoints" / "last.pt").exists():
+        if self.resumable():
             return f"Stopped by {self}. Resume with: python train_mnist.py --resume {self.run_dir}"
-        return f"Stopped by {self} before a first epoch was saved: there is nothing to resume."
+        if self.run_dir:
+            return f"Stopped by {self} before a first epoch was saved: there is nothing to resume."
+        return f"Stopped by {self}."
 
 
 def stop_now(signum: int, _frame: object) -> None:

@@ -97,7 +97,7 @@ def cpu_name() -> str:
 
 def course_loader(data_dir: Path, batch_size: int) -> DataLoader:
     # The course's pipeline only: train_mnist.py needs no torchvision.
-    from torchvision import datasets, transforms  # noqa: PLC0415
+    from torchvision import datasets, transforms
 
     dataset = datasets.MNIST(data_dir, train=True, transform=transforms.Compose(
         [transforms.ToTensor(), transforms.Normalize((0.1307,), (0.3081,))]))

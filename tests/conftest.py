@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -185,7 +185,7 @@ def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds
         stamp = last.stat().st_mtime_ns if last.exists() else None
         if stamp != seen:  # written anew (atomically: always whole)
             seen = stamp
-            if torch.load(last, weights_only=True)["epoch"] >= epoch:
+            if len(torch.load(last, weights_only=True)["history"]) >= epoch:
                 return
         assert process.poll() is None, f"the process ended ({process.returncode}) before epoch {epoch}"
         assert time.monotonic() < deadline, f"epoch {epoch} did not end within {seconds} s"
@@ -231,10 +231,15 @@ def assert_same_weights(first: dict, second: dict) -> None:
 
 
 def event_points(run_dir: Path) -> list[tuple[str, int]]:
-    """(tag, step) of every point in the run's event files, read raw: a duplicate shows, and the
-    files of two sessions in one test process may sort out of time order by name, unharmed."""
-    return [(value.tag, event.step) for path in sorted(run_dir.glob("events.out.tfevents.*"))
-            for event in EventFileLoader(str(path)).Load() for value in event.summary.value]
+    """(tag, step) of every point TensorBoard shows of the run: read as TensorBoard reads it, with
+    what a resumed session's purge_step drops left out; a point written twice shows twice."""
+    events = EventAccumulator(str(run_dir), size_guidance=dict.fromkeys(
+        ("scalars", "images", "histograms", "tensors", "compressedHistograms"), 0))
+    events.Reload()
+    tags = events.Tags()
+    readers = {"scalars": events.Scalars, "images": events.Images, "histograms": events.Histograms,
+               "tensors": events.Tensors}
+    return [(tag, event.step) for kind, read in readers.items() for tag in tags[kind] for event in read(tag)]
 
 
 def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:
@@ -258,22 +263,23 @@ def uninterrupted_run(interruptible_data: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture
-def stop_at_check(monkeypatch):
-    """stop_at_check(n): the n-th check for a signal (0-based; one before each step, one at each
-    epoch's end) finds a SIGINT, as if Ctrl-C had come then. The signal handlers are restored after."""
+def ctrl_c_in_epoch(monkeypatch):
+    """ctrl_c_in_epoch(n): a real SIGINT reaches this process as the n-th epoch trained in it
+    (counting over runs) begins, as if Ctrl-C had been pressed then. The handlers are restored after."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    real_requested = train_mnist.StopFlag.requested
+    real_train = train_mnist.train
 
-    def stop_at(check: int) -> None:
-        checks = itertools.count()
+    def ctrl_c_in(epoch: int) -> None:
+        epochs = itertools.count(1)
 
-        def requested(self, step=0):
-            if next(checks) == check:
-                self.signum = signal.SIGINT
-            return real_requested(self, step)
+        def train(*args, **kwargs):
+            if next(epochs) == epoch:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_train(*args, **kwargs)
 
-        monkeypatch.setattr(train_mnist.StopFlag, "requested", requested)
+        monkeypatch.setattr(train_mnist, "train", train)
 
-    yield stop_at
+    yield ctrl_c_in
+    train_mnist.SIGNALS.clear()
     for signum, handler in handlers.items():
         signal.signal(signum, handler)

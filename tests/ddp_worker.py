@@ -27,7 +27,7 @@ def test_and_keep_weights(model, loader):
     if not trained:
         trained.append(model)
     if model is trained[0]:
-        torch.save(model.state_dict(), weights_dir / f"rank{loader.rank}.pt")
+        torch.save(model.state_dict(), weights_dir / f"rank{train_mnist.RANK}.pt")
     return real_test(model, loader)
 
 

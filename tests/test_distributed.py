@@ -46,7 +46,8 @@ def test_one_run_dir_with_a_falling_loss(ddp_run):
     losses = [event.value for event in events.Scalars("training loss")]
     assert len(losses) == 2 and losses[1] < losses[0]
     # 1,800 training samples (200 held out), 900 per process in batches of 16: 57 steps per epoch
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == 2 * 57
+    history = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]
+    assert [record["step"] for record in history] == [57, 2 * 57]
     # The validation set is scored whole: its accuracy is a multiple of 1/200.
     accuracies = [event.value for event in events.Scalars("validation accuracy")]
     assert len(accuracies) == 2 and all(abs(a * 200 - round(a * 200)) < 1e-3 for a in accuracies)
@@ -108,7 +109,8 @@ def test_two_machines_run_as_two_torchrun_agents_on_this_one(data_dir, one_proce
     for agent, (out, err) in zip(agents, consoles):
         assert agent.returncode == 0 and "Traceback" not in out + err, err[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()  # one run folder, from process 0
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["world_size"] == 2
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"]["batch_size"] == 16
+    assert "in 2 processes" in "".join(out for out, _ in consoles)
     assert "Test accuracy: " in "".join(out for out, _ in consoles)
     ranks = [torch.load(weights_dir / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(torch.equal(ranks[0][key], ranks[1][key]) for key in ranks[0])
@@ -149,11 +151,9 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
     assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
     # torchrun itself reports the signal with a traceback of its own; the workers show none
     assert 'train_mnist.py", line' not in err
-    stopped = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert stopped["world_size"] == 2 and 3 <= stopped["epoch"] < 5
+    stopped = len(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"])
+    assert 3 <= stopped < 5
     assert not (run_dir / "metrics.json").exists()  # a run that trains on is not finished
-    # 125 steps an epoch in two processes, which agree to stop at a step where both check, every 50
-    assert stopped["progress"]["batch"] % 50 == 0
 
     evaluated = torchrun("--evaluate", str(run_dir), "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
@@ -162,14 +162,15 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
     assert train_mnist.main(["--evaluate", str(run_dir), "--device", "cpu"]) == 0
     assert two_processes in capsys.readouterr().out.splitlines()
 
-    # Two processes -> one: the stopped epoch starts again from its first batch.
+    # Two processes -> one: the stopped epoch starts again.
     assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 0
-    assert f"Resuming {run_dir} at epoch {stopped['epoch'] + 1}, batch 0" in capsys.readouterr().out
+    assert f"Resuming {run_dir} after epoch {stopped}" in capsys.readouterr().err
     assert metrics_of(run_dir)["epochs"] == 5
-    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    # The steps really taken: 250 an epoch in one process, 125 in two, and those of the stopped epoch.
-    steps = 250 + 125 * (stopped["epoch"] - 1) + stopped["progress"]["batch"] + 250 * (5 - stopped["epoch"])
-    assert last["epoch"] == 5 and last["world_size"] == 1 and last["global_step"] == steps
+    history = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]
+    # The steps of each epoch: 250 in one process, 125 in two.
+    steps = [250 * epoch if epoch == 1 else 250 + 125 * (epoch - 1) if epoch <= stopped
+             else 250 + 125 * (stopped - 1) + 250 * (epoch - stopped) for epoch in range(1, 6)]
+    assert [record["step"] for record in history] == steps
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    assert [event.step for event in events.Scalars("training loss")] == [1, 2, 3, 4, 5]
+    assert [event.step for event in events.Scalars("training loss")] == steps

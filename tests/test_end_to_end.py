@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
-from conftest import metrics_of, write_mnist
+from conftest import metrics_of, synthetic_digits, write_mnist
 
 SMALL_RUN = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
              "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5", "--val-size", "64"]
@@ -37,13 +37,13 @@ def small_run(tmp_path_factory) -> Path:
     return train_small(write_mnist(root / "data"), root / "runs")
 
 
-def test_scalars_have_one_point_per_epoch_or_step(small_run):
+def test_scalars_have_one_point_per_epoch_or_step_on_one_x_axis(small_run):
     events = load_events(small_run)
     steps_per_epoch = 4  # 320 synthetic training digits, 64 held out, in batches of 64
-    for tag in ("training loss", "validation loss", "validation accuracy"):
-        assert [event.step for event in events.Scalars(tag)] == [1, 2]
+    for tag in ("training loss", "validation loss", "validation accuracy"):  # at the step each epoch ends
+        assert [event.step for event in events.Scalars(tag)] == [4, 8]
     for tag in ("test loss", "test accuracy"):  # the test set, once, at the end
-        assert [event.step for event in events.Scalars(tag)] == [2]
+        assert [event.step for event in events.Scalars(tag)] == [8]
     for tag in ("training loss/per step", "learning rate"):
         assert [event.step for event in events.Scalars(tag)] == list(range(1, 2 * steps_per_epoch + 1))
     learning_rates = [event.value for event in events.Scalars("learning rate")]
@@ -52,11 +52,18 @@ def test_scalars_have_one_point_per_epoch_or_step(small_run):
     assert losses[1] < losses[0]
 
 
-def test_image_grid_of_64_digits_in_unit_range(small_run):
+def test_image_grid_of_the_first_64_training_digits(small_run):
     (image,) = load_events(small_run).Images("visualizations/training digits")
     grid = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
     assert (image.height, image.width) == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits, 2-pixel padding
     assert grid.max() == 255 and 0 < grid.mean() < 128  # digits, not saturated white
+    digits = torch.from_numpy(synthetic_digits(320, seed=1)[0])  # the training split write_mnist wrote
+    held_out = torch.randperm(320, generator=torch.Generator().manual_seed(train_mnist.VALIDATION_SEED))[:64]
+    kept = torch.ones(320, dtype=torch.bool)
+    kept[held_out] = False
+    first = digits[kept][:64]
+    assert np.array_equal(grid[2:30, 2:30, 0], first[0].numpy())  # row 1, column 1
+    assert np.array_equal(grid[32:60, 62:90, 0], first[10].numpy())  # row 2, column 3
 
 
 def test_graph_is_logged(small_run):
@@ -74,7 +81,7 @@ def test_hparams_row_lives_in_the_run_itself(small_run):
     assert {info.name.tag for info in experiment.experiment.metric_infos} == {
         "validation accuracy", "validation loss", "test accuracy", "test loss"}
     values = session.session_start_info.hparams
-    assert values["val_size"].number_value == 64 and values["changed on resume"].string_value == "none"
+    assert values["val_size"].number_value == 64 and values["nesterov"].bool_value is True
     assert values["lr"].number_value == pytest.approx(0.05)
     assert values["batch_size"].number_value == 64 and values["epochs"].number_value == 2
     assert {"momentum", "seed"} <= set(values)

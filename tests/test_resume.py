@@ -1,5 +1,5 @@
-"""--resume: flags given again win, or are refused; the records say what the run really used; a
-resumed run writes each TensorBoard point once and keeps its history; one process per run."""
+"""--resume: from the last saved epoch; flags given again win, or are refused; config.json says what
+the run really used; TensorBoard shows each point of a resumed run once; one process per run."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
@@ -82,28 +82,30 @@ def test_a_flag_given_again_applies_from_the_checkpoint_on(tmp_path, synthetic_d
 
 
 @pytest.mark.parametrize("batch_size", [16, 64])
-def test_a_new_batch_size_restarts_the_interrupted_epoch(tmp_path, synthetic_data, stop_at_check, capsys,
-                                                         batch_size):
-    """Stopped after 2 batches of epoch 2 and resumed with another batch size, the run trains all of
-    epoch 2 again in the new batches, from the weights it had reached: nothing skipped, no crash."""
-    stop_at_check(13)  # epoch 1: 10 steps and its end; then steps 0 and 1 of epoch 2
+def test_ctrl_c_then_a_new_batch_size_redoes_the_stopped_epoch_in_the_new_batches(tmp_path, synthetic_data,
+                                                                                  ctrl_c_in_epoch, capsys,
+                                                                                  batch_size):
+    """Stopped in epoch 2 and resumed with another batch size, the run trains epoch 2 again in the
+    new batches, from the weights of epoch 1: nothing skipped, no crash."""
+    ctrl_c_in_epoch(2)
     run_dir = tmp_path / "stopped"
     assert train_mnist.main([*FAST, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
                              str(tmp_path), "--run-name", "stopped"]) == 130
+    assert capsys.readouterr().err.endswith(f"Stopped by SIGINT. Resume with: python train_mnist.py --resume "
+                                            f"{run_dir}\n")
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert (state["epoch"], state["progress"]["batch"], state["global_step"]) == (1, 2, 12)
+    assert [(record["epoch"], record["step"]) for record in state["history"]] == [(1, 10)]
     shutil.copy(run_dir / "checkpoints" / "last.pt", tmp_path / "stopped.pt")
-    capsys.readouterr()
 
     assert train_mnist.main(["--resume", str(run_dir), "--batch-size", str(batch_size)]) == 0
-    assert f"Resuming {run_dir} at epoch 2, batch 0" in capsys.readouterr().out
+    assert f"Resuming {run_dir} after epoch 1" in capsys.readouterr().err
     by_hand = continue_by_hand(tmp_path / "stopped.pt", synthetic_data, 2, 0.05, 0.9, 5e-4, batch_size)
     assert_same_weights(weights(run_dir / "checkpoints" / "last.pt"), by_hand)
-    steps = 12 + 320 // batch_size  # the steps taken before the stop count: the x-axis is the steps taken
-    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["global_step"] == steps
+    steps = 10 + 320 // batch_size  # the x-axis is the steps taken
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"][-1]["step"] == steps
     points = event_points(run_dir)
     assert steps_of(points, "training loss/per step") == list(range(1, steps + 1))
-    assert steps_of(points, "training loss") == [1, 2]
+    assert steps_of(points, "training loss") == [10, steps]
     assert config_of(run_dir)["resumed"][0]["changed"] == {"batch_size": [32, batch_size]}
 
 
@@ -116,8 +118,8 @@ def finished_run(tmp_path, synthetic_data) -> Path:
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--seed", "2"], "--seed cannot change on --resume"),
-    (["--val-size", "64"], "--val_size cannot change on --resume"),
-    (["--run-name", "other"], "--run_name cannot rename a run on --resume"),
+    (["--val-size", "64"], "--val-size cannot change on --resume"),
+    (["--run-name", "other"], "--run-name cannot rename a run on --resume"),
     (["--lr", "0.1", "0.2", "--epochs", "2"], "--resume continues one run"),
 ], ids=["seed", "validation", "run name", "sweep"])
 def test_flags_that_would_make_another_run_are_refused(finished_run, capsys, flags, message):
@@ -137,7 +139,7 @@ def test_a_bad_stored_flag_is_one_line_naming_the_checkpoint(finished_run, capsy
     for flag in ("--resume", "--evaluate"):
         assert train_mnist.main([flag, str(finished_run), "--epochs", "2"]) == 1
         message = one_line_error(capsys)
-        assert message.startswith(f"error: {path} holds an invalid flag (argument --{key}")
+        assert message.startswith(f"error: {path} holds an invalid flag (argument --{key.replace('_', '-')}")
         assert message.endswith("it was changed, or not written by train_mnist.py")
 
 
@@ -148,7 +150,7 @@ def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_aft
     run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "3", "--lr", "0.01",
                                "--num-embeddings", "8")
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
-    assert best["epoch"] < 3  # accuracy peaked early on these easy digits
+    assert len(best["history"]) < 3  # accuracy peaked early on these easy digits
     capsys.readouterr()
     assert train_mnist.main(["--resume", str(run_dir / "checkpoints" / "best.pt"), "--epochs", "3"]) == 1
     assert "has finished its 3 epochs; resume it with --epochs larger than 3" in one_line_error(capsys)
@@ -158,41 +160,37 @@ def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_aft
     points = event_points(run_dir)
     duplicates = [point for point, count in Counter(points).items() if count > 1]
     assert duplicates == []
-    assert steps_of(points, "training loss") == [1, 2, 3, 4]
+    assert steps_of(points, "training loss") == [10, 20, 30, 40]
     assert steps_of(points, "training loss/per step") == list(range(1, 41))
-    # The old run's figures at epoch 3 were purged.
-    assert steps_of(points, "visualizations/confusion matrix") == [4]
-    assert steps_of(points, "_hparams_/session_start_info") == [0]  # one HPARAMS row
+    # The old run's figures and test scores at its end, step 30, were purged.
+    assert steps_of(points, "visualizations/confusion matrix") == [40]
+    assert steps_of(points, "test accuracy") == [10, 20, 30, 40]  # with --val-size 0, the test set's curve
     assert metrics_of(run_dir)["epochs"] == 4
-    # The projector: the embeddings made after the checkpoint's epoch (at epoch 3) are gone.
+    # The projector shows the embeddings of the final session.
     projector = (run_dir / "projector_config.pbtxt").read_text()
-    assert sorted(folder.name for folder in run_dir.glob("0000?")) == ["00004"]
     assert "00003/" not in projector and 'tensor_path: "00004/train features/tensors.tsv"' in projector
 
 
-def test_training_a_finished_run_longer_keeps_the_earlier_embeddings(tmp_path, synthetic_data):
+def test_training_a_finished_run_longer_records_what_changed(tmp_path, synthetic_data):
     run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "1",
                                "--num-embeddings", "8")
     assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--lr", "0.02"]) == 0
     projector = (run_dir / "projector_config.pbtxt").read_text()
-    for epoch in ("00001", "00002"):
-        for tag in ("train features", "test features"):
-            assert f'tensor_path: "{epoch}/{tag}/tensors.tsv"' in projector
-            assert (run_dir / epoch / tag / "tensors.tsv").exists()
-    # The HPARAMS row says what changed, and when.
-    (session,) = [value for tag, value in hparams_values(run_dir).items() if tag == "changed on resume"]
-    assert session == "lr 0.05->0.02 at step 10; epochs 1->2 at step 10"
+    for tag in ("train features", "test features"):  # the final session's embeddings
+        assert f'tensor_path: "00002/{tag}/tensors.tsv"' in projector and "00001/" not in projector
+    (session,) = config_of(run_dir)["resumed"]
+    assert session["changed"] == {"lr": [0.05, 0.02], "epochs": [1, 2]} and session["step"] == 10
+    # The HPARAMS row keeps the values the run started with: TensorBoard reads a run's first row.
+    assert hparams_values(run_dir)["lr"] == 0.05 and hparams_values(run_dir)["epochs"] == 1
 
 
 def hparams_values(run_dir: Path) -> dict:
-    for path in run_dir.glob("events.out.tfevents.*"):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.tag == "_hparams_/session_start_info":
-                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-                    return {key: getattr(hparam, hparam.WhichOneof("kind"))
-                            for key, hparam in data.session_start_info.hparams.items()}
-    return {}
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    data = plugin_data_pb2.HParamsPluginData.FromString(content)
+    hparams = data.session_start_info.hparams
+    return {key: getattr(hparam, hparam.WhichOneof("kind")) for key, hparam in hparams.items()}
 
 
 # --- One process per run folder ---------------------------------------------------------
@@ -207,13 +205,13 @@ def test_a_second_process_on_a_run_is_refused_and_a_killed_holder_never_blocks(t
         wait_for_epoch(run_dir, 1, process)
         capsys.readouterr()
         assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 1
-        assert one_line_error(capsys) == (f"error: run {run_dir} is in use by another process "
-                                          f"(PID {process.pid}); wait for it to end, or stop it first")
+        assert one_line_error(capsys) == (f"error: run {run_dir} is in use by another process; wait for it "
+                                          "to end, or stop it first")
     finally:
         process.kill()  # SIGKILL: no clean-up at all, the lock file stays behind
         process.communicate()
     assert process.returncode == -signal.SIGKILL
-    assert (run_dir / ".lock").read_text().strip() == str(process.pid)
+    assert (run_dir / ".lock").exists()
     # Unfinished: --epochs 1 only finishes it from its epoch-1 checkpoint, without training more.
     assert train_mnist.main(["--resume", str(run_dir), "--epochs", "1", "--device", "cpu"]) == 0
     assert metrics_of(run_dir)["epochs"] == 1
