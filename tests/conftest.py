@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.summary.writer import event_file_writer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -56,6 +57,15 @@ def no_downloads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
     attempts = DOWNLOAD_LOG.read_text().split()
     if attempts and "download_attempts" not in request.fixturenames:
         pytest.fail(f"the test tried to download {attempts[0]} (and {len(attempts) - 1} more)")
+
+
+@pytest.fixture(autouse=True)
+def event_files_in_time_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard reads a run's event files in name order, and a resumed session's purge_step
+    holds only if its file sorts last. The names end with the second, the process and a counter
+    of the files this process opened: restarted for each test, so that the counter of a test's
+    sessions in one second (9, then 10) never sorts them out of order."""
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
 
 
 @pytest.fixture
