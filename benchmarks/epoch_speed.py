@@ -7,7 +7,7 @@ interleaved in one process run, and prints the ratios:
   ours    train_mnist.py's path: DeviceLoader over device tensors, progress bar, step-loss buffer
   course  torchvision MNIST with per-sample ToTensor/Normalize through a DataLoader (2 workers)
 
-    pip install -c constraints.txt torchvision   # the course pipeline needs it; train_mnist.py does not
+    pip install -c constraints.txt -r requirements.txt
     python benchmarks/epoch_speed.py --data-dir data --repeats 3
 """
 
@@ -68,8 +68,7 @@ def time_ours(loader, device) -> float:
     sync(device)
     started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # the bar is drawn, just not shown here
-        train_mnist.train(net, optimizer, scheduler, loader, torch.nn.CrossEntropyLoss(), first_batch=0,
-                          stop=train_mnist.StopFlag(), title="Epoch 1/1")
+        train_mnist.train(net, optimizer, scheduler, loader, torch.nn.CrossEntropyLoss(), title="Epoch 1/1")
     sync(device)
     return time.perf_counter() - started
 
@@ -96,7 +95,7 @@ def cpu_name() -> str:
 
 
 def course_loader(data_dir: Path, batch_size: int) -> DataLoader:
-    # The course's pipeline only: train_mnist.py needs no torchvision.
+    # The course's pipeline: torchvision's MNIST, a per-sample transform, a DataLoader with workers.
     from torchvision import datasets, transforms
 
     dataset = datasets.MNIST(data_dir, train=True, transform=transforms.Compose(

@@ -8,7 +8,7 @@
 
 One heavy job at a time, so that none slows another. Prints Markdown tables for the README.
 
-    pip install -c constraints.txt torchvision   # the course pipeline of part 2 needs it
+    pip install -c constraints.txt -r requirements.txt
     python benchmarks/report.py --data-dir data [--baseline-dir OLD_CHECKOUT]
 
 --baseline-dir also times another checkout's default run (an older commit, say), just before
