@@ -3,10 +3,9 @@
     python train_mnist.py --epochs=5 --lr=1e-3 --batch_size=64
     tensorboard --logdir runs
 
-The recipe comes first, in the order it runs: parse the flags; load MNIST into tensors on the
-device; train with SGD one epoch at a time, scoring each on held-out validation digits and
-saving a checkpoint; test once; log it all to one TensorBoard run folder. The supporting
-machinery follows under a banner, one short section per concern.
+The recipe comes first, in the order it runs: parse the flags; load MNIST onto the device; train
+one epoch at a time, scoring each on held-out validation digits and saving a checkpoint; test
+once; log it all to one TensorBoard run folder. The machinery follows, one section per concern.
 """
 
 import os
@@ -86,22 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("--warmup", type=bounded(float, 0, 1), default=0.1, help="share of the steps where the rate rises")
     add("--lr-decay", type=bounded(float, 0, 1), default=0.5, help="share of the steps where the rate falls")
     add("--seed", type=bounded(int, 0, 2**64 - 1), default=1, help="seed of the weights and the batch order")
-    add("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-        help="deterministic algorithms only: bit-reproducible on one GPU too, a little slower")
+    add("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="repeatable on GPUs")
     add("--device", type=available_device, default="auto", help="auto, cpu, cuda or mps (auto: the fastest)")
-    add("--patience", type=bounded(int, 0), default=0, metavar="K",
-        help="stop after K epochs without a better validation accuracy (0: never)")
+    add("--patience", type=bounded(int, 0), default=0, metavar="K", help="stop after K epochs without gain")
     add("--test-batch-size", type=bounded(int, 1), default=1000, metavar="N", help="images per test batch")
     add = parser.add_argument_group("data").add_argument
     add("--data-dir", type=path_flag, default=Path("data"), metavar="DIR", help="folder of MNIST/raw/")
-    add("--val-size", type=bounded(int, 0), default=5000, metavar="N",
-        help="training images held out to score each epoch (0: score each epoch on the test set)")
-    add("--verify-data", action=argparse.BooleanOptionalAction, default=False,
-        help="check the MNIST files against the published checksums")
+    add("--val-size", type=bounded(int, 0), default=5000, metavar="N", help="training images held out to "
+        "score each epoch (0: the test set scores it)")
+    add("--verify-data", action=argparse.BooleanOptionalAction, default=False, help="check the files' MD5s")
     add = parser.add_argument_group("logging").add_argument
     add("--log-dir", type=path_flag, default=Path("runs"), metavar="DIR", help="TensorBoard's folder")
-    add("--run-name", type=folder_name, metavar="NAME",
-        help="this run's folder (default: what differs from the defaults, then the time)")
+    add("--run-name", type=folder_name, metavar="NAME", help="this run's folder (default: flags and time)")
     add("--num-embeddings", type=bounded(int, 0), default=256, metavar="N", help="digits in the projector")
     add = parser.add_argument_group("experiments").add_argument
     add("--resume", type=path_flag, metavar="PATH", help="continue a run (its folder, or a checkpoint in it)")
@@ -158,9 +153,8 @@ class DeviceLoader:
     transforms (about 3x faster than a DataLoader here). A shuffled epoch's order is seeded by
     (seed, epoch); under torchrun process RANK takes every WORLD_SIZE-th sample of it."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool = False,
-                 seed: int = 0) -> None:
-        self.images, self.labels, self.batch_size = images, labels, batch_size
+    def __init__(self, split: Split, batch_size: int, shuffle: bool = False, seed: int = 0) -> None:
+        self.images, self.labels, self.batch_size = split.images, split.labels, batch_size
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -189,8 +183,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: L
     """Train one epoch; return each step's loss (averaged over processes) and learning rate.
     Ends early if the loss is no longer finite: run() then reports the divergence."""
     model.train()
-    # The losses stay on the device, read every LOSS_EVERY steps: an .item() per step would
-    # make a GPU wait for every batch.
+    # The losses stay on the device, read every LOSS_EVERY steps: a GPU would wait for an .item().
     step_losses, step_lrs = torch.zeros(len(loader), device=loader.labels.device), []
     with tqdm(loader, desc=title, unit="batch", dynamic_ncols=True, disable=not MAIN_PROCESS) as bar:
         for step, (images, labels) in enumerate(bar):
@@ -212,7 +205,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: L
 class Evaluation(NamedTuple):
     loss: float
     accuracy: float
-    logits: torch.Tensor  # (N, 10), for the figures
+    logits: torch.Tensor  # (N, 10): the figures are drawn from them
     labels: torch.Tensor
 
 
@@ -234,7 +227,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
     # Each epoch is scored on the validation set, which chooses best.pt; without one (--val-size
     # 0), on the test set, as the course does.
     monitor, monitored = ("validation", validation_set) if validation_set else ("test", test_set)
-    train_loader = DeviceLoader(*train_set[1:], args.batch_size, shuffle=True, seed=args.seed)
+    train_loader = DeviceLoader(train_set, args.batch_size, shuffle=True, seed=args.seed)
     set_determinism(args.deterministic)
     torch.manual_seed(args.seed)
     model_without_ddp = MNISTNet().to(device)
@@ -260,7 +253,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
             seconds = time.perf_counter() - started
             stop_if_diverged(model_without_ddp, step_losses, epoch, args.lr)
             step += len(step_losses)
-            evaluation = test(model_without_ddp, DeviceLoader(*monitored[1:], args.test_batch_size))
+            evaluation = test(model_without_ddp, DeviceLoader(monitored, args.test_batch_size))
             history.append({"epoch": epoch, "step": step, "train_loss": sum(step_losses) / len(step_losses),
                             f"{monitor}_loss": evaluation.loss, f"{monitor}_accuracy": evaluation.accuracy,
                             "seconds": seconds})
@@ -275,7 +268,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
         if validation_set is not None:
             tested = MNISTNet().to(device)
             tested.load_state_dict(state["best_model"])
-        evaluation = test(tested, DeviceLoader(*test_set[1:], args.test_batch_size))
+        evaluation = test(tested, DeviceLoader(test_set, args.test_batch_size))
         return log_results(writer, tested, state, evaluation, train_set, test_set) if writer else None
 
 
@@ -797,7 +790,7 @@ def evaluate(checkpoint: dict, args: argparse.Namespace, device: torch.device) -
     net = MNISTNet().to(device)
     restore_model(net, checkpoint)
     test_set = load_split(args.data_dir, False, device, args.verify_data)
-    result = test(net, DeviceLoader(test_set.images, test_set.labels, args.test_batch_size))
+    result = test(net, DeviceLoader(test_set, args.test_batch_size))
     if MAIN_PROCESS:
         print(f"Checkpoint: {checkpoint['path']} (epoch {len(checkpoint['history'])})")
         print(f"Test loss: {result.loss:.4f}\nTest accuracy: {result.accuracy:.4f}")

@@ -105,10 +105,11 @@ def course_loader(data_dir: Path, batch_size: int) -> DataLoader:
 
 def measure(data_dir: Path, device: torch.device, batch_size: int, repeats: int) -> dict[str, float]:
     """The median seconds of one epoch for each pipeline, timed in turn `repeats` times."""
-    images, labels = train_mnist.load_split(data_dir, train=True, device=device)[1:]
+    train_set = train_mnist.load_split(data_dir, train=True, device=device)
+    images, labels = train_set.images, train_set.labels
     batches = [(images[i:i + batch_size].contiguous(), labels[i:i + batch_size])
                for i in range(0, len(labels), batch_size)]
-    ours_loader = train_mnist.DeviceLoader(images, labels, batch_size, shuffle=True, seed=1)
+    ours_loader = train_mnist.DeviceLoader(train_set, batch_size, shuffle=True, seed=1)
     pipelines = {"floor": lambda: time_floor(batches, device), "ours": lambda: time_ours(ours_loader, device),
                  "course": lambda: time_course(course_loader(data_dir, batch_size), device)}
     time_floor(batches[:50], device)  # warm-up: allocator, kernels

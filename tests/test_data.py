@@ -55,7 +55,8 @@ def test_normalize_uses_the_mnist_mean_and_std():
 def make_loader(count=103, batch_size=10, seed=5):
     images = torch.arange(count, dtype=torch.float32).view(count, 1, 1, 1)
     labels = torch.arange(count)
-    return train_mnist.DeviceLoader(images, labels, batch_size, shuffle=True, seed=seed)
+    split = train_mnist.Split(None, images, labels)
+    return train_mnist.DeviceLoader(split, batch_size, shuffle=True, seed=seed)
 
 
 def epoch_order(loader, epoch):
@@ -92,7 +93,8 @@ def test_an_epoch_replays_from_seed_and_epoch_alone_as_a_resumed_run_needs():
 
 
 def test_unshuffled_loader_keeps_file_order():
-    loader = train_mnist.DeviceLoader(torch.zeros(25, 1, 28, 28), torch.arange(25), 10)
+    split = train_mnist.Split(None, torch.zeros(25, 1, 28, 28), torch.arange(25))
+    loader = train_mnist.DeviceLoader(split, 10)
     assert [labels.tolist() for _, labels in loader] == [list(range(10)), list(range(10, 20)),
                                                          list(range(20, 25))]
 

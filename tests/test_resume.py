@@ -51,7 +51,7 @@ def continue_by_hand(checkpoint: Path, data_dir: Path, epoch: int, lr: float, mo
     for index, parameter in enumerate(net.parameters()):
         optimizer.state[parameter]["momentum_buffer"] = state["optimizer"]["state"][index]["momentum_buffer"]
     train_set = train_mnist.load_split(data_dir, True, CPU)
-    loader = train_mnist.DeviceLoader(train_set.images, train_set.labels, batch_size, shuffle=True, seed=1)
+    loader = train_mnist.DeviceLoader(train_set, batch_size, shuffle=True, seed=1)
     loader.set_epoch(epoch)
     net.train()
     for images, labels in loader:
