@@ -475,6 +475,9 @@ def check_split(images: torch.Tensor, labels: torch.Tensor, data_dir: Path, trai
                             f"{MNIST_MD5[path.name]}); {REFETCH}")
 
 
+# --- Training: the validation split, the schedule, divergence, determinism -----------------
+
+
 def hold_out(train_set: Split, count: int) -> tuple[Split, Split | None]:
     """(training, validation): `count` training images held out, the same ones in every run,
     chosen by VALIDATION_SEED alone. No validation set when `count` is 0."""
@@ -938,14 +941,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
     try:
         if args.jobs > 1 and not DISTRIBUTED:
             run_in_processes(points, rows, device, args.jobs)
-        for number, point in enumerate(points if args.jobs == 1 or DISTRIBUTED else (), 1):
-            values = ", ".join(f"{key}={getattr(point, key)}" for key in SWEEP_FLAGS)
-            report(f"\n=== Sweep run {number}/{len(points)}: {values}")
-            try:
-                rows[number - 1] |= run_point(point, device)
-            except Stopped as stopped:  # Ctrl-C: start no other point
-                rows[number - 1] |= stopped_row(stopped)
-                raise
+        else:
+            run_in_turn(points, rows, device)
     finally:
         ranked_by = "validation_accuracy" if args.val_size else "test_accuracy"  # not the test set, if it can
         rows.sort(key=lambda row: -1 if row[ranked_by] is None else row[ranked_by], reverse=True)
@@ -958,6 +955,17 @@ def sweep_row(status: str, metrics: dict | None = None) -> dict:
     return {"validation_accuracy": metrics.get("best_validation_accuracy"),
             "test_accuracy": metrics.get("test_accuracy"), "test_loss": metrics.get("test_loss"),
             "run_dir": metrics.get("run_dir"), "status": status}
+
+
+def run_in_turn(points: list[argparse.Namespace], rows: list[dict], device: torch.device) -> None:
+    for number, point in enumerate(points, 1):
+        values = ", ".join(f"{key}={getattr(point, key)}" for key in SWEEP_FLAGS)
+        report(f"\n=== Sweep run {number}/{len(points)}: {values}")
+        try:
+            rows[number - 1] |= run_point(point, device)
+        except Stopped as stopped:  # Ctrl-C: start no other point
+            rows[number - 1] |= stopped_row(stopped)
+            raise
 
 
 def run_point(point: argparse.Namespace, device: torch.device) -> dict:
@@ -989,8 +997,8 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
                    index for index, point in enumerate(points)}
         try:
             for future in as_completed(futures):
-                rows[futures[future]] |= future.result()
                 index = futures[future]
+                rows[index] |= future.result()
                 report(f"=== Sweep run {index + 1}/{len(points)}: {rows[index]['status']}")
         except Stopped as stopped:  # passed on: the workers' runs stop, and no other starts
             for worker in multiprocessing.active_children():
@@ -1028,7 +1036,7 @@ def write_sweep_table(rows: list[dict], path: Path) -> None:
     table.writerows({key: round(value, 4) if isinstance(value, float) else value
                      for key, value in row.items()} for row in rows)
     atomic_write(path, text.getvalue().encode())
-    print(f"\nSweep results, best first:\n{text.getvalue().replace(',', '  ')}Saved to {path}")
+    print(f"\nSweep results, best first (saved to {path}):\n{text.getvalue()}")
 
 
 # --- Signals: Ctrl-C and SIGTERM stop at once; the epochs done are saved already -----------
