@@ -61,7 +61,8 @@ SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of th
 # torchrun starts one copy of this script per process and tells each its RANK among WORLD_SIZE;
 # a plain `python train_mnist.py` is process 0 of 1.
 DISTRIBUTED = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-RANK, WORLD_SIZE = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+RANK = int(os.environ["RANK"]) if DISTRIBUTED else 0
+WORLD_SIZE = int(os.environ["WORLD_SIZE"]) if DISTRIBUTED else 1
 LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))  # this process's number on its machine
 MAIN_PROCESS = RANK == 0  # process 0 alone prints, logs to TensorBoard and writes files
 
