@@ -433,6 +433,12 @@ class UserError(Exception):
     """Something the user can fix: main() prints it as one line and exits with code 1."""
 
 
+def split_files(data_dir: Path, train: bool) -> tuple[Path, Path]:
+    """The images file and the labels file of the training or the test split."""
+    names = MNIST_FILES[:2] if train else MNIST_FILES[2:]
+    return data_dir / "MNIST" / "raw" / names[0], data_dir / "MNIST" / "raw" / names[1]
+
+
 def download_needed(data_dir: Path) -> bool:
     missing = [name for name in MNIST_FILES if not (data_dir / "MNIST" / "raw" / name).exists()]
     if missing and MAIN_PROCESS:
@@ -450,19 +456,19 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
         return UserError(f"{', '.join(missing)} missing from {raw_dir}, and the download failed. Put the "
                          f"file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir at the "
                          "folder that holds MNIST/raw/")
-    for name, read in zip(MNIST_FILES[0 if train else 2:], (read_image_file, read_label_file)):
+    for path, read in zip(split_files(data_dir, train), (read_image_file, read_label_file)):
         try:  # torchvision's reader names no file: ask each
-            read(str(raw_dir / name))
+            read(str(path))
         except (RuntimeError, AssertionError, ValueError, TypeError) as reading_error:
             reason = str(reading_error).split("\n")[0] or "a wrong header: not an MNIST file"
-            return UserError(f"{raw_dir / name} cannot be read ({reason}); {REFETCH}")
+            return UserError(f"{path} cannot be read ({reason}); {REFETCH}")
     return UserError(f"cannot read MNIST in {raw_dir}: {str(error).splitlines()[0]}; {REFETCH}")
 
 
 def check_split(images: torch.Tensor, labels: torch.Tensor, data_dir: Path, train: bool,
                 verify: bool) -> None:
     """The digits' size and their count, and with --verify-data the published checksums."""
-    images_file, labels_file = (data_dir / "MNIST" / "raw" / name for name in MNIST_FILES[2 - 2 * train:][:2])
+    images_file, labels_file = split_files(data_dir, train)
     if images.shape[1:] != (28, 28):
         raise UserError(f"{images_file} holds {images.shape[1]}x{images.shape[2]} images, not 28x28; "
                         f"{REFETCH}")
@@ -488,9 +494,12 @@ def hold_out(train_set: Split, count: int) -> tuple[Split, Split | None]:
         raise UserError(f"--val-size {count} leaves none of the {len(train_set.labels)} training images to "
                         "train on; give a smaller --val-size")
     order = torch.randperm(len(train_set.labels), generator=torch.Generator().manual_seed(VALIDATION_SEED))
-    kept, held = order[count:].sort().values, order[:count].sort().values
-    return tuple(Split(train_set.raw[part], *(tensor[part.to(tensor.device)] for tensor in train_set[1:]))
-                 for part in (kept, held))
+    return subset(train_set, order[count:].sort().values), subset(train_set, order[:count].sort().values)
+
+
+def subset(split: Split, indices: torch.Tensor) -> Split:
+    on_device = indices.to(split.labels.device)
+    return Split(split.raw[indices], split.images[on_device], split.labels[on_device])
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup: float, decay: float, total_steps: int,
@@ -717,9 +726,11 @@ def save_checkpoint(state: dict, model_without_ddp: MNISTNet, optimizer: torch.o
     if improved:
         state["best_model"] = {key: value.clone() for key, value in model_without_ddp.state_dict().items()}
     state |= {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict()}
+    if not MAIN_PROCESS:
+        return
     buffer = io.BytesIO()  # in memory first, so that a full disk is the OSError it is
     torch.save(state, buffer)
-    for name in ("last", "best") if improved and MAIN_PROCESS else ("last",) if MAIN_PROCESS else ():
+    for name in ("last", "best") if improved else ("last",):
         atomic_write(Path(state["config"]["run_dir"]) / "checkpoints" / f"{name}.pt", buffer.getvalue())
 
 
@@ -745,8 +756,12 @@ def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
 def stored_flags(parser: argparse.ArgumentParser, checkpoint: dict) -> dict:
     """The flags of a checkpoint's run, each through the same check as on the command line."""
     saved = {key: value for key, value in checkpoint["config"].items() if key in RESUMED_FLAGS}
-    argv = [(f"--{key}" if value else f"--no-{key}") if isinstance(value, bool) else f"--{key}={value}"
-            for key, value in saved.items()]
+    argv = []
+    for key, value in saved.items():  # as typed: --lr=0.05, --nesterov, --no-deterministic
+        if isinstance(value, bool):
+            argv.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            argv.append(f"--{key}={value}")
     try:
         stored, _ = parser.parse_known_args(with_dashes(argv))
     except argparse.ArgumentError as error:
@@ -1133,8 +1148,10 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
     failed = 0
     images = []
     for path in paths:  # a folder means the images in it
-        images += sorted(file for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES) \
-            if path.is_dir() else [path]
+        if path.is_dir():
+            images += sorted(file for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            images.append(path)
     for path in images:
         try:
             digit = mnist_digit(read_grey(path), path)
@@ -1163,8 +1180,8 @@ def read_grey(path: Path) -> torch.Tensor:
             upright = ImageOps.exif_transpose(image).convert("RGBA")  # a phone's rotation, kept apart
             grey = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright).convert("L")
     except Image.DecompressionBombError:
-        raise UserError(f"{path}: too large an image (over {MAX_PIXELS:,} pixels); crop it to the digit") \
-            from None
+        message = f"{path}: too large an image (over {MAX_PIXELS:,} pixels); crop it to the digit"
+        raise UserError(message) from None
     except (OSError, ValueError, SyntaxError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
         raise UserError(f"{path}: cannot be read as an image ({reason})") from None
@@ -1185,8 +1202,10 @@ def mnist_digit(grey: torch.Tensor, path: Path) -> torch.Tensor:
     size = [max(1, round(side * 20 / max(ink.shape))) for side in ink.shape]
     small = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(min=0)
     small = small / small.max()  # the darkest ink at full strength, as in MNIST
-    centre = [(small.sum(dim=1 - axis) * torch.arange(size[axis])).sum() / small.sum() for axis in (0, 1)]
-    top, left = (min(max(round(14 - centre[axis].item()), 0), 28 - size[axis]) for axis in (0, 1))
+    centre_row = (small.sum(dim=1) * torch.arange(size[0])).sum().item() / small.sum().item()
+    centre_column = (small.sum(dim=0) * torch.arange(size[1])).sum().item() / small.sum().item()
+    top = min(max(round(14 - centre_row), 0), 28 - size[0])  # MNIST's centre of mass: pixel 14, 14
+    left = min(max(round(14 - centre_column), 0), 28 - size[1])
     digit = torch.zeros(28, 28)
     digit[top:top + size[0], left:left + size[1]] = small
     return digit
