@@ -77,7 +77,7 @@ def default_run(script: Path, data_dir: Path, log_dir: Path) -> dict:
     curve = events.Scalars("validation accuracy" if "validation accuracy" in tags else "test accuracy")
     reached = next((point for point in curve if point.value >= 0.99), None)
     return {"seconds": seconds, "metrics": metrics,
-            "to_99": None if reached is None else (reached.wall_time - started,)}
+            "to_99": None if reached is None else reached.wall_time - started}
 
 
 def default_runs(data_dir: Path, baseline_dir: Path | None, work: Path, repeats: int) -> None:
@@ -98,7 +98,7 @@ def default_runs(data_dir: Path, baseline_dir: Path | None, work: Path, repeats:
         result = sorted(repeated, key=lambda one: one["seconds"])[len(repeated) // 2]
         medians[name] = result["seconds"]
         metrics = result["metrics"]
-        to_99 = "never" if result["to_99"] is None else f"after {result['to_99'][0]:.1f} s"
+        to_99 = "never" if result["to_99"] is None else f"after {result['to_99']:.1f} s"
         logging, share = metrics.get("visualization_seconds"), "-"
         if logging is not None:
             logging, share = f"{logging:.2f}", f"{logging / metrics['training_seconds']:.1%}"
