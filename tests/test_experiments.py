@@ -127,6 +127,42 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptib
     assert steps_of(points, "learning rate") == steps_of(event_points(uninterrupted_run), "learning rate")
 
 
+@pytest.mark.parametrize("stopped_in", [2, 3], ids=["in epoch 2", "in the last epoch"])
+def test_ctrl_c_with_validation_then_resume_equals_a_run_left_alone(tmp_path, synthetic_data, ctrl_c_in_epoch,
+                                                                    stopped_in):
+    """With the validation split on: the final weights, best.pt, the best epoch and metrics.json of a
+    run stopped by Ctrl-C and resumed are those of the same run left alone."""
+    alone = train_run(synthetic_data, tmp_path, "alone", "--epochs", "3", "--lr", "0.01")
+    ctrl_c_in_epoch(stopped_in)
+    stopped = tmp_path / "stopped"
+    assert train_mnist.main([*FAST, "--epochs", "3", "--lr", "0.01", "--data-dir", str(synthetic_data),
+                             "--log-dir", str(tmp_path), "--run-name", "stopped"]) == 130
+    saved = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["history"]
+    assert len(saved) == stopped_in - 1 and not (stopped / "metrics.json").exists()
+    assert train_mnist.main(["--resume", str(stopped)]) == 0
+    for name in ("last", "best"):
+        assert_same_weights(weights(alone / "checkpoints" / f"{name}.pt"),
+                            weights(stopped / "checkpoints" / f"{name}.pt"))
+    assert metrics_without_timing(stopped) == metrics_without_timing(alone)
+
+
+def test_the_test_set_is_scored_once_per_run_or_once_per_epoch_without_validation(tmp_path, synthetic_data,
+                                                                                  monkeypatch):
+    test_set = train_mnist.load_split(synthetic_data, False, torch.device("cpu"))
+    scored, real_test = [], train_mnist.test
+
+    def counting_test(model, loader):
+        scored.append(torch.equal(loader.labels, test_set.labels))
+        return real_test(model, loader)
+
+    monkeypatch.setattr(train_mnist, "test", counting_test)
+    train_run(synthetic_data, tmp_path, "validated", "--epochs", "3")
+    assert scored == [False, False, False, True]  # each epoch on the validation set, then the test set once
+    scored.clear()
+    train_run(synthetic_data, tmp_path, "plain", "--epochs", "3", "--val-size", "0")
+    assert scored == [True] * 4  # each epoch on the test set, as the course does, and the final score
+
+
 def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
     run_dir = train_run(synthetic_data, tmp_path, "ev", "--epochs", "2")
     reported = f"Test accuracy: {metrics_of(run_dir)['test_accuracy']:.4f}"  # of best.pt's weights
