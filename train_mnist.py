@@ -275,9 +275,9 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
 
 def main(argv: list[str] | None = None) -> int:
     """Train one run or a sweep of runs, test a checkpoint or read images; returns the exit code."""
+    handlers = stop_at_signals(stop_now)  # until main() returns: Ctrl-C stops at once, in one line
     try:
         args, checkpoint = parse_args(argv)
-        stop_at_signals(stop_now)
         device = start_distributed(args.device)
         if args.evaluate:
             evaluate(checkpoint, args, device)
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         report(stopped.message())
         return 128 + stopped.signum
     finally:
+        stop_at_signals(handlers)
         if DISTRIBUTED and dist.is_initialized():
             dist.destroy_process_group()
     return 0
