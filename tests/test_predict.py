@@ -1,6 +1,7 @@
 """--predict on your own images: real MNIST test digits, saved as files the way a user has them."""
 
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -95,6 +96,31 @@ def test_photos_of_test_digits_are_read_right(checkpoint, test_digits, tmp_path,
     assert len(inputs) == 40
     seen_digit = np.asarray(Image.open(inputs[0]))
     assert seen_digit.shape == (28, 28) and seen_digit.max() == 255 and seen_digit[0].max() == 0
+
+
+def test_a_phone_photo_stored_on_its_side_is_read_upright_and_its_line_is_whole(checkpoint, test_digits,
+                                                                                tmp_path, capsys):
+    """A phone keeps a photo's pixels as the sensor saw them and says in EXIF how to turn them. The
+    same photo saved upright and saved on its side with EXIF orientation 6 (turn 90 degrees
+    clockwise to show) must be read alike, as one whole line each."""
+    upright = photo_of(test_digits.raw[4].numpy(), random.Random(1))  # a 4; on its side, it reads as a 5
+    upright.save(tmp_path / "upright.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    upright.rotate(90, expand=True).save(tmp_path / "sideways.jpg", quality=95, exif=exif)
+    assert train_mnist.main(["--predict", str(tmp_path / "upright.jpg"), str(tmp_path / "sideways.jpg"),
+                             "--checkpoint", str(checkpoint)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2
+    read = []
+    for line, name in zip(lines, ("upright.jpg", "sideways.jpg")):
+        match = re.fullmatch(rf"{re.escape(str(tmp_path / name))}: (\d) \((\d+\.\d)%\), then (\d) "
+                             rf"\((\d+\.\d)%\), (\d) \((\d+\.\d)%\)", line)
+        assert match, line
+        digits, shares = match.groups()[::2], [float(share) for share in match.groups()[1::2]]
+        assert len(set(digits)) == 3 and shares == sorted(shares, reverse=True) and sum(shares) <= 100.1
+        read.append(digits[0])
+    assert read == ["4", "4"]
 
 
 def huge_png_header(path: Path, side: int) -> None:
