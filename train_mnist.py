@@ -461,8 +461,9 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
         try:  # torchvision's reader names no file: ask each
             read(str(path))
         except (RuntimeError, AssertionError, ValueError, TypeError) as reading_error:
-            reason = str(reading_error).split("\n")[0] or "a wrong header: not an MNIST file"
-            return UserError(f"{path} cannot be read ({reason}); {REFETCH}")
+            reason = str(reading_error).split("\n")[0] or "a wrong header"
+            return UserError(f"{path} cannot be read: it is truncated, empty or not an MNIST file "
+                             f"({reason}); {REFETCH}")
     return UserError(f"cannot read MNIST in {raw_dir}: {str(error).splitlines()[0]}; {REFETCH}")
 
 
@@ -475,7 +476,7 @@ def check_split(images: torch.Tensor, labels: torch.Tensor, data_dir: Path, trai
                         f"{REFETCH}")
     if len(images) != len(labels):
         raise UserError(f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} "
-                        f"labels; {REFETCH}")
+                        "labels; delete both to download them again, or fix --data-dir")
     for path in (images_file, labels_file) if verify else ():
         digest = hashlib.md5(path.read_bytes()).hexdigest()
         if digest != MNIST_MD5[path.name]:

@@ -178,7 +178,7 @@ def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(
 def test_corrupt_file_is_a_clear_error(tmp_path):
     data_dir = write_mnist(tmp_path)
     write_idx(data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte", np.zeros((2, 2), np.uint8))
-    message = (r"raw/train-labels-idx1-ubyte cannot be read \(x should have 1 dimension instead of 2\); "
-               "delete it to download it again, or fix --data-dir")
+    message = (r"raw/train-labels-idx1-ubyte cannot be read: it is truncated, empty or not an MNIST file \(x "
+               r"should have 1 dimension instead of 2\); delete it to download it again, or fix --data-dir")
     with pytest.raises(train_mnist.UserError, match=message):
         train_mnist.load_split(data_dir, train=True, device=CPU)

@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import random
@@ -107,14 +108,29 @@ def corrupt(raw: Path, how: str) -> str:
     return path.name
 
 
-@pytest.mark.parametrize("how", ["truncated", "wrong magic", "counts disagree", "wrong image size", "empty"])
+UNREADABLE = "cannot be read: it is truncated, empty or not an MNIST file"
+REFETCH = "delete it to download it again, or fix --data-dir"
+DAMAGE = {  # how a file is damaged: what the error line says of it, after the file's path
+    "truncated": f"{UNREADABLE} (shape '[320, 28, 28]' is invalid for input of size 250780); {REFETCH}",
+    "wrong magic": f"{UNREADABLE} (shape '[100, 134612226, 50331648]' is invalid for input of size 92); "
+                   f"{REFETCH}",
+    "counts disagree": "holds 320 images but {raw}/train-labels-idx1-ubyte holds 7 labels; delete both to "
+                       "download them again, or fix --data-dir",
+    "wrong image size": f"holds 32x32 images, not 28x28; {REFETCH}",
+    "empty": f"{UNREADABLE} (invalid literal for int() with base 16: b''); {REFETCH}",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
 def test_damaged_data_is_one_clear_line(tmp_path, how, capsys):
     data_dir = write_mnist(tmp_path / "data")
-    blamed = corrupt(data_dir / "MNIST" / "raw", how)
+    raw = data_dir / "MNIST" / "raw"
+    blamed = corrupt(raw, how)
+    if how == "counts disagree":  # the images file is named first, then the labels file
+        blamed = "train-images-idx3-ubyte"
     code = train_mnist.main([*SMALL, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")])
     assert code == 1
-    message = one_line_error(capsys)
-    assert blamed in message and ("--data-dir" in message or "download" in message)
+    assert one_line_error(capsys) == f"error: {raw / blamed} {DAMAGE[how].format(raw=raw)}"
     assert not (tmp_path / "runs").exists()
 
 
@@ -124,7 +140,7 @@ def test_damaged_data_in_a_real_process_exits_1_without_traceback(tmp_path):
     corrupt(data_dir / "MNIST" / "raw", "truncated")
     result = run_script(*SMALL, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: ") and "train-images-idx3-ubyte cannot be read" in result.stderr
+    assert result.stderr.startswith("error: ") and f"train-images-idx3-ubyte {UNREADABLE}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -139,8 +155,10 @@ def test_verify_data_accepts_the_real_mnist_and_names_a_changed_file(tmp_path, r
     code = train_mnist.main([*SMALL, "--verify-data", "--data-dir", str(tmp_path / "copy"),
                              "--log-dir", str(tmp_path / "runs")])
     assert code == 1
-    message = one_line_error(capsys)
-    assert "t10k-labels-idx1-ubyte does not match the published MNIST file" in message
+    changed = hashlib.md5((raw / "t10k-labels-idx1-ubyte").read_bytes()).hexdigest()
+    published = "27ae3e4e09519cfbb04c329615203637"  # the test labels, as in MNIST/raw/MD5SUMS
+    assert one_line_error(capsys) == (f"error: {raw / 't10k-labels-idx1-ubyte'} does not match the published "
+                                      f"MNIST file (md5 {changed}, expected {published}); {REFETCH}")
 
 
 # --- Divergence --------------------------------------------------------------------------
