@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -230,6 +231,12 @@ def one_line_error(capsys: pytest.CaptureFixture) -> str:
 
 # --- Reading what a run wrote ------------------------------------------------------------
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
@@ -240,12 +247,18 @@ def assert_same_weights(first: dict, second: dict) -> None:
         assert torch.equal(tensor, second[key]), key
 
 
-def event_points(run_dir: Path) -> list[tuple[str, int]]:
-    """(tag, step) of every point TensorBoard shows of the run: read as TensorBoard reads it, with
-    what a resumed session's purge_step drops left out; a point written twice shows twice."""
+def events_of(run_dir: Path) -> EventAccumulator:
+    """A run's events read as TensorBoard reads them (what a resumed session's purge_step drops is
+    left out), every point kept."""
     events = EventAccumulator(str(run_dir), size_guidance=dict.fromkeys(
         ("scalars", "images", "histograms", "tensors", "compressedHistograms"), 0))
     events.Reload()
+    return events
+
+
+def event_points(run_dir: Path) -> list[tuple[str, int]]:
+    """(tag, step) of every point TensorBoard shows of the run; a point written twice shows twice."""
+    events = events_of(run_dir)
     tags = events.Tags()
     readers = {"scalars": events.Scalars, "images": events.Images, "histograms": events.Histograms,
                "tensors": events.Tensors}

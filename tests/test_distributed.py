@@ -3,17 +3,24 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import REPO, TORCHRUN, metrics_of, signal_in_a_later_epoch, torchrun, write_mnist
+from conftest import (
+    REPO,
+    TORCHRUN,
+    events_of,
+    free_port,
+    metrics_of,
+    signal_in_a_later_epoch,
+    torchrun,
+    write_mnist,
+)
 
 pytestmark = pytest.mark.slow  # every test here starts torchrun, or uses a run it made
 
@@ -41,8 +48,7 @@ def test_one_run_dir_with_a_falling_loss(ddp_run):
     run_dir, _ = ddp_run
     assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 16
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
+    events = events_of(run_dir)
     losses = [event.value for event in events.Scalars("training loss")]
     assert len(losses) == 2 and losses[1] < losses[0]
     # 1,800 training samples (200 held out), 900 per process in batches of 16: 57 steps per epoch
@@ -90,9 +96,7 @@ def test_matches_one_process_with_the_same_global_batch(ddp_run, one_process_run
 def test_two_machines_run_as_two_torchrun_agents_on_this_one(data_dir, one_process_run, tmp_path):
     """The README's multi-node command with both nodes here: --nnodes=2, one process each,
     meeting at a c10d rendezvous on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     weights_dir = tmp_path / "weights"
     weights_dir.mkdir()
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
@@ -171,6 +175,5 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
     steps = [250 * epoch if epoch == 1 else 250 + 125 * (epoch - 1) if epoch <= stopped
              else 250 + 125 * (stopped - 1) + 250 * (epoch - stopped) for epoch in range(1, 6)]
     assert [record["step"] for record in history] == steps
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
+    events = events_of(run_dir)
     assert [event.step for event in events.Scalars("training loss")] == steps

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
-from conftest import metrics_of, synthetic_digits, write_mnist
+from conftest import events_of, metrics_of, synthetic_digits, write_mnist
 
 SMALL_RUN = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
              "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5", "--val-size", "64"]
@@ -25,12 +24,6 @@ def train_small(data_dir: Path, log_dir: Path, *extra: str) -> Path:
     return run_dir
 
 
-def load_events(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
-    events.Reload()
-    return events
-
-
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
@@ -38,7 +31,7 @@ def small_run(tmp_path_factory) -> Path:
 
 
 def test_scalars_have_one_point_per_epoch_or_step_on_one_x_axis(small_run):
-    events = load_events(small_run)
+    events = events_of(small_run)
     steps_per_epoch = 4  # 320 synthetic training digits, 64 held out, in batches of 64
     for tag in ("training loss", "validation loss", "validation accuracy"):  # at the step each epoch ends
         assert [event.step for event in events.Scalars(tag)] == [4, 8]
@@ -53,7 +46,7 @@ def test_scalars_have_one_point_per_epoch_or_step_on_one_x_axis(small_run):
 
 
 def test_image_grid_of_the_first_64_training_digits(small_run):
-    (image,) = load_events(small_run).Images("visualizations/training digits")
+    (image,) = events_of(small_run).Images("visualizations/training digits")
     grid = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
     assert (image.height, image.width) == (8 * 30 + 2, 8 * 30 + 2)  # 8x8 digits, 2-pixel padding
     assert grid.max() == 255 and 0 < grid.mean() < 128  # digits, not saturated white
@@ -67,14 +60,14 @@ def test_image_grid_of_the_first_64_training_digits(small_run):
 
 
 def test_graph_is_logged(small_run):
-    events = load_events(small_run)
+    events = events_of(small_run)
     assert events.Tags()["graph"]
     names = {node.name for node in events.Graph().node}
     assert any("conv1" in name for name in names) and any("fc3" in name for name in names)
 
 
 def test_hparams_row_lives_in_the_run_itself(small_run):
-    events = load_events(small_run)
+    events = events_of(small_run)
     content = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
@@ -107,7 +100,7 @@ def test_config_and_metrics_json(small_run):
     assert config["lr"] == 0.05 and config["batch_size"] == 64 and config["epochs"] == 2
     assert metrics["epochs"] == 2 and 0 <= metrics["test_accuracy"] <= 1
     assert metrics["test_loss"] > 0 and metrics["training_seconds"] > 0 and metrics["images_per_second"] > 0
-    events = load_events(small_run)
+    events = events_of(small_run)
     assert metrics["test_accuracy"] == pytest.approx(events.Scalars("test accuracy")[-1].value)
     validation = [event.value for event in events.Scalars("validation accuracy")]
     assert metrics["best_validation_accuracy"] == pytest.approx(max(validation))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
 from conftest import (
@@ -19,6 +18,7 @@ from conftest import (
     STEPS_PER_EPOCH,
     assert_same_weights,
     event_points,
+    events_of,
     metrics_of,
     one_line_error,
     run_script,
@@ -245,8 +245,7 @@ def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data,
                (json.loads((d / "config.json").read_text()) for d in run_dirs)}
     assert configs == {(0.05, 32), (0.05, 64), (0.01, 32), (0.01, 64)}
     for run_dir in run_dirs:
-        events = EventAccumulator(str(run_dir))
-        events.Reload()
+        events = events_of(run_dir)
         assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     (table,) = (tmp_path / "runs").glob("sweep-*.csv")
     with open(table) as file:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
@@ -18,6 +17,7 @@ from conftest import (
     INTERRUPTIBLE,
     assert_same_weights,
     event_points,
+    events_of,
     metrics_of,
     one_line_error,
     start_script,
@@ -185,8 +185,7 @@ def test_training_a_finished_run_longer_records_what_changed(tmp_path, synthetic
 
 
 def hparams_values(run_dir: Path) -> dict:
-    events = EventAccumulator(str(run_dir))
-    events.Reload()
+    events = events_of(run_dir)
     content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     data = plugin_data_pb2.HParamsPluginData.FromString(content)
     hparams = data.session_start_info.hparams

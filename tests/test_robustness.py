@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
 from conftest import (
@@ -25,6 +24,7 @@ from conftest import (
     INTERRUPTIBLE,
     STEPS_PER_EPOCH,
     assert_same_weights,
+    events_of,
     metrics_of,
     one_line_error,
     run_script,
@@ -196,8 +196,7 @@ def test_divergence_in_a_long_epoch_stops_within_50_steps_and_keeps_the_finite_c
         assert [record["step"] for record in state["history"]] == [STEPS_PER_EPOCH]
         assert all(tensor.isfinite().all() for tensor in state["model"].values())
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
+    events = events_of(run_dir)
     steps = [event.step for event in events.Scalars("training loss/per step")]
     assert steps == list(range(1, STEPS_PER_EPOCH + 1))  # the first epoch's; the diverged one logs nothing
     assert not (run_dir / "metrics.json").exists()
@@ -425,8 +424,7 @@ def check_complete(run_dir: Path, uninterrupted_run: Path) -> None:
     assert [record["step"] for record in last["history"]] == steps
     assert_same_weights(last["model"], weights(uninterrupted_run / "checkpoints" / "last.pt"))
     torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
+    events = events_of(run_dir)
     assert [e.step for e in events.Scalars("training loss")] == [record["step"] for record in last["history"]]
     assert [e.step for e in events.Scalars("training loss/per step")] == list(
         range(1, epochs * steps_per_epoch + 1))

@@ -3,7 +3,6 @@ checked in the event files and through a real TensorBoard server."""
 
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import synthetic_digits, write_mnist
+from conftest import events_of, free_port, synthetic_digits, write_mnist
 from models import MNISTNet
 
 EPOCHS = 2
@@ -32,13 +31,6 @@ def run_dir(tmp_path_factory) -> Path:
             "--data-dir", str(write_mnist(root / "data")), "--log-dir", str(root / "runs"), "--run-name", "v"]
     assert train_mnist.main(argv) == 0
     return root / "runs" / "v"
-
-
-def events_of(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0,
-                                                           "tensors": 0})
-    events.Reload()
-    return events
 
 
 def test_weight_and_gradient_histograms_every_epoch(run_dir):
@@ -119,12 +111,6 @@ def test_test_embedding_has_label_and_prediction_columns(run_dir):
     assert all(len(row.split("\t")) == 2 for row in rows[1:])
     assert np.loadtxt(folder / "tensors.tsv", delimiter="\t").shape == (30, 256)
     assert (run_dir / "00002" / "train features" / "sprite.png").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fetch(url: str, body: dict | None = None):
