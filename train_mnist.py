@@ -170,7 +170,8 @@ class DeviceLoader:
         return order[RANK::WORLD_SIZE]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.order()) / self.batch_size)
+        samples = math.ceil(len(self.labels) / WORLD_SIZE) if self.shuffle else len(self.labels)
+        return math.ceil(samples / self.batch_size)
 
     def __iter__(self):
         order = self.order().to(self.labels.device)
@@ -389,10 +390,13 @@ def named_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error("--resume, --evaluate and --predict exclude each other")
     if bool(args.predict) != bool(args.checkpoint) or (args.save_inputs and not args.predict):
         parser.error("--predict needs --checkpoint (and --checkpoint and --save-inputs need --predict)")
-    if args.predict or args.evaluate:
-        path = args.checkpoint or args.evaluate
-        tested = "best.pt" if args.predict or load_checkpoint(path)["config"].get("val_size") else "last.pt"
-        return load_checkpoint(path, in_run_dir=tested)
+    if args.predict:
+        return load_checkpoint(args.checkpoint, in_run_dir="best.pt")
+    if args.evaluate:
+        checkpoint = load_checkpoint(args.evaluate)
+        if args.evaluate.is_dir() and checkpoint["config"].get("val_size"):  # the weights it tested
+            checkpoint = load_checkpoint(args.evaluate, in_run_dir="best.pt")
+        return checkpoint
     return load_checkpoint(args.resume) if args.resume else None
 
 
@@ -440,8 +444,12 @@ def split_files(data_dir: Path, train: bool) -> tuple[Path, Path]:
     return data_dir / "MNIST" / "raw" / names[0], data_dir / "MNIST" / "raw" / names[1]
 
 
+def missing_files(data_dir: Path) -> list[str]:
+    return [name for name in MNIST_FILES if not (data_dir / "MNIST" / "raw" / name).exists()]
+
+
 def download_needed(data_dir: Path) -> bool:
-    missing = [name for name in MNIST_FILES if not (data_dir / "MNIST" / "raw" / name).exists()]
+    missing = missing_files(data_dir)
     if missing and MAIN_PROCESS:
         print(f"Downloading MNIST into {data_dir / 'MNIST' / 'raw'}", file=sys.stderr)
     return bool(missing)
@@ -451,8 +459,7 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
     """What went wrong with the MNIST files, in one line: which are missing, or which is damaged."""
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    raw_dir = data_dir / "MNIST" / "raw"
-    missing = [name for name in MNIST_FILES if not (raw_dir / name).exists()]
+    raw_dir, missing = data_dir / "MNIST" / "raw", missing_files(data_dir)
     if missing:
         return UserError(f"{', '.join(missing)} missing from {raw_dir}, and the download failed. Put the "
                          f"file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir at the "
@@ -588,8 +595,8 @@ def log_epoch(writer: SummaryWriter, net: MNISTNet, record: dict, evaluation: Ev
 
 def log_results(writer: SummaryWriter, tested: MNISTNet, state: dict, evaluation: Evaluation,
                 train_set: Split, test_set: Split) -> dict:
-    """After training: the test set's score and figures, the learned features, the HPARAMS row,
-    then metrics.json (last: only a finished run has one). Returns the final metrics."""
+    """After training: the test set's score and figures, the learned features, then metrics.json
+    (last: only a finished run has one). Returns the final metrics."""
     config, history = state["config"], state["history"]
     step, predictions = history[-1]["step"], evaluation.logits.argmax(dim=1)
     if config["val_size"]:  # the test set's one score; without validation it has a point every epoch
@@ -887,7 +894,8 @@ def open_run(state: dict, step: int):
         raise UserError(f"run {run_dir} is in use by another process; wait for it to end, or stop "
                         "it first") from None
     except OSError as error:  # a file that cannot be written, or the event file (in the writer's thread)
-        path = error.filename or max(run_dir.glob("events.out.tfevents.*"), key=os.path.getmtime)
+        event_files = run_dir.glob("events.out.tfevents.*")
+        path = error.filename or max(event_files, key=os.path.getmtime, default=run_dir)
         raise UserError(f"cannot write {path}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
     except Stopped as stopped:
         stopped.run_dir = run_dir
