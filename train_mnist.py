@@ -1069,8 +1069,10 @@ def write_sweep_table(rows: list[dict], path: Path) -> None:
 SIGNALS: list[int] = []  # the signals this process has received
 
 
-class Stopped(Exception):
-    """Stopped by SIGINT or SIGTERM; `run_dir` is the run it stopped, if it had a folder."""
+class Stopped(KeyboardInterrupt):
+    """Stopped by SIGINT or SIGTERM; `run_dir` is the run it stopped, if it had a folder. Not an
+    Exception, like KeyboardInterrupt: a library's `except Exception` (tqdm has some) must not
+    swallow it when the signal lands inside one."""
 
     def __init__(self, signum: int, run_dir: Path | None = None) -> None:
         super().__init__(signal.Signals(signum).name)

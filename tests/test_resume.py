@@ -1,7 +1,9 @@
 """--resume: from the last saved epoch; flags given again win, or are refused; config.json says what
 the run really used; TensorBoard shows each point of a resumed run once; one process per run."""
 
+import itertools
 import json
+import os
 import shutil
 import signal
 from collections import Counter
@@ -107,6 +109,25 @@ def test_ctrl_c_then_a_new_batch_size_redoes_the_stopped_epoch_in_the_new_batche
     assert steps_of(points, "training loss/per step") == list(range(1, steps + 1))
     assert steps_of(points, "training loss") == [10, steps]
     assert config_of(run_dir)["resumed"][0]["changed"] == {"batch_size": [32, batch_size]}
+
+
+def test_a_signal_inside_a_librarys_except_exception_still_stops_the_run(tmp_path, synthetic_data, capfd,
+                                                                         ctrl_c_in_epoch, monkeypatch):
+    """tqdm asks for the terminal's size at every refresh, inside `except Exception`. A Ctrl-C that
+    lands there must still stop the run, at once: nothing may swallow it."""
+    ctrl_c_in_epoch(0)  # no Ctrl-C of its own; it restores the signal handlers after the test
+    asked = itertools.count(1)
+
+    def terminal_size(*_args):
+        if next(asked) == 3:  # a refresh in epoch 1
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, as a real Ctrl-C's can
+        raise OSError("not a terminal")  # as on a pipe: tqdm falls back to its default width
+
+    monkeypatch.setattr(os, "get_terminal_size", terminal_size)
+    assert train_mnist.main([*FAST, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
+                             str(tmp_path), "--run-name", "stopped"]) == 130
+    assert capfd.readouterr().err.endswith("Stopped by SIGINT before a first epoch was saved: there is "
+                                            "nothing to resume.\n")
 
 
 # --- What cannot be honoured is refused -------------------------------------------------
