@@ -244,7 +244,9 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
     # Under torchrun, DDP averages the gradients of all processes in backward().
     model = DistributedDataParallel(model_without_ddp) if DISTRIBUTED else model_without_ddp
 
-    with open_run(state, step) as writer:  # a SummaryWriter in process 0, None in the others
+    # SummaryWriters in process 0 (None in the others): one for the run, and one sub-run per
+    # set whose loss is drawn in the same chart, "train" and the monitored one.
+    with open_run(state, step, monitor) as (writer, curves):
         if writer and not history:
             log_start(writer, model_without_ddp, train_set, state["config"])
         for epoch in range(len(history) + 1, args.epochs + 1):
@@ -260,7 +262,8 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
                             f"{monitor}_loss": evaluation.loss, f"{monitor}_accuracy": evaluation.accuracy,
                             "seconds": seconds})
             if writer:
-                log_epoch(writer, model_without_ddp, history[-1], evaluation, step_losses, step_lrs, monitor)
+                log_epoch(writer, curves, model_without_ddp, history[-1], evaluation, step_losses, step_lrs,
+                          monitor)
             save_checkpoint(state, model_without_ddp, optimizer, monitor)  # last.pt, and best.pt if better
             if out_of_patience(history, args.patience, monitor):
                 break
@@ -566,26 +569,28 @@ def log_start(writer: SummaryWriter, net: MNISTNet, train_set: Split, config: di
     writer.file_writer.add_summary(hp.hparams_pb(values, trial_id=Path(writer.log_dir).name))
 
 
-def log_epoch(writer: SummaryWriter, net: MNISTNet, record: dict, evaluation: Evaluation,
-              step_losses: list[float], step_lrs: list[float], monitor: str) -> None:
+def log_epoch(writer: SummaryWriter, curves: dict[str, SummaryWriter], net: MNISTNet, record: dict,
+              evaluation: Evaluation, step_losses: list[float], step_lrs: list[float], monitor: str) -> None:
     """Every epoch: the curves (the epoch's points at the step where it ends), the weight and
     gradient histograms, the accuracy per digit, the conv1 filters, and a line on the console."""
     from torchvision.utils import make_grid
 
     step = record["step"]
-    writer.add_scalar("training loss", record["train_loss"], step)
-    writer.add_scalar(f"{monitor} loss", evaluation.loss, step)
-    writer.add_scalar(f"{monitor} accuracy", evaluation.accuracy, step)
+    # One tag in two sub-runs is one chart with two lines, as Keras draws them. TensorBoard sorts
+    # its groups by name and opens the first ones: "accuracy" and "loss" come before the rest.
+    curves["train"].add_scalar("loss", record["train_loss"], step)
+    curves[monitor].add_scalar("loss", evaluation.loss, step)
+    curves[monitor].add_scalar("accuracy", evaluation.accuracy, step)
     for taken, (loss, lr) in enumerate(zip(step_losses, step_lrs), start=step - len(step_losses) + 1):
-        writer.add_scalar("training loss/per step", loss, taken)
-        writer.add_scalar("learning rate", lr, taken)
+        writer.add_scalar("training/loss per step", loss, taken)
+        writer.add_scalar("training/learning rate", lr, taken)
     for name, parameter in net.named_parameters():
         writer.add_histogram(f"weights/{name}", parameter.detach(), step, bins=HISTOGRAM_BINS)
         writer.add_histogram(f"weight gradients/{name}", parameter.grad, step, bins=HISTOGRAM_BINS)
     labels, predictions = evaluation.labels, evaluation.logits.argmax(dim=1)
     right = torch.bincount(labels[predictions == labels], minlength=10)
     for digit, accuracy in enumerate((right / torch.bincount(labels, minlength=10)).nan_to_num().tolist()):
-        writer.add_scalar(f"{monitor} accuracy per digit/{digit}", accuracy, step)
+        curves[monitor].add_scalar(f"per digit accuracy/{digit}", accuracy, step)
     filters = F.interpolate(net.conv1.weight.detach().cpu(), scale_factor=8)  # 5x5 pixels are hard to see
     grid = make_grid(filters, normalize=True, scale_each=True, pad_value=1)  # each filter black to white
     writer.add_image(f"{PICTURES}conv1 filters", grid, step)
@@ -599,9 +604,8 @@ def log_results(writer: SummaryWriter, tested: MNISTNet, state: dict, evaluation
     (last: only a finished run has one). Returns the final metrics."""
     config, history = state["config"], state["history"]
     step, predictions = history[-1]["step"], evaluation.logits.argmax(dim=1)
-    if config["val_size"]:  # the test set's one score; without validation it has a point every epoch
-        writer.add_scalar("test accuracy", evaluation.accuracy, step)
-        writer.add_scalar("test loss", evaluation.loss, step)
+    writer.add_scalar("test/accuracy", evaluation.accuracy, step)  # the test set's one score
+    writer.add_scalar("test/loss", evaluation.loss, step)
     writer.add_image(f"{PICTURES}confusion matrix", confusion_image(evaluation.labels, predictions), step,
                      dataformats="HWC")
     writer.add_image(f"{PICTURES}misclassified digits", misclassified_image(test_set.raw, evaluation.labels,
@@ -676,8 +680,10 @@ def hparams_columns() -> object:
     that usually do. Then the metrics, the test accuracy first."""
     columns = [hp.HParam(key, hp.Discrete([False, True]) if key in ("nesterov", "deterministic") else
                          hp.RealInterval(0.0, sys.float_info.max)) for key in HPARAMS]
-    metrics = [hp.Metric(tag) for tag in ("test accuracy", "validation accuracy", "test loss",
-                                          "validation loss")]
+    metrics = [hp.Metric("test/accuracy", display_name="test accuracy"),
+               hp.Metric("accuracy", group="validation", display_name="validation accuracy"),
+               hp.Metric("test/loss", display_name="test loss"),
+               hp.Metric("loss", group="validation", display_name="validation loss")]
     summary = hp.hparams_config_pb(columns, metrics)
     plugin_data = summary.value[0].metadata.plugin_data
     declaration = plugin_data_pb2.HParamsPluginData.FromString(plugin_data.content)
@@ -872,12 +878,13 @@ def config_of(args: argparse.Namespace, run_dir: Path | None, checkpoint: dict |
 
 
 @contextlib.contextmanager
-def open_run(state: dict, step: int):
+def open_run(state: dict, step: int, monitor: str):
     """Process 0 takes the run folder for itself (a second process is refused), writes
-    config.json and opens the SummaryWriter. A resumed run's writer has TensorBoard drop what a
-    stopped session logged after `step`, the last saved one, so that each point shows once."""
+    config.json and opens the SummaryWriters: the run's, and the sub-runs "train" and `monitor`.
+    A resumed run's writers have TensorBoard drop what a stopped session logged after `step`, the
+    last saved one, so that each point shows once."""
     if not MAIN_PROCESS:
-        yield None
+        yield None, None
         return
     run_dir, thread_failed = Path(state["config"]["run_dir"]), threading.excepthook
     # The writer's thread would print its failure (a full disk) as a traceback; it is said below.
@@ -886,15 +893,19 @@ def open_run(state: dict, step: int):
         with FileLock(run_dir / ".lock", timeout=0):
             (run_dir / "metrics.json").unlink(missing_ok=True)  # unfinished until it finishes anew
             write_json(run_dir / "config.json", state["config"])
-            with SummaryWriter(run_dir, purge_step=step + 1, max_queue=EVENT_QUEUE) as writer:
+            with contextlib.ExitStack() as writers:
+                writer = SummaryWriter(run_dir, purge_step=step + 1, max_queue=EVENT_QUEUE)
+                writers.enter_context(writer)
+                curves = {name: writers.enter_context(SummaryWriter(run_dir / name, purge_step=step + 1))
+                          for name in ("train", monitor)}
                 print(f"Training on {state['config']['device']} with seed {state['config']['seed']}"
                       + (f" in {WORLD_SIZE} processes" if DISTRIBUTED else "") + f"; logging to {run_dir}")
-                yield writer
+                yield writer, curves
     except Timeout:
         raise UserError(f"run {run_dir} is in use by another process; wait for it to end, or stop "
                         "it first") from None
     except OSError as error:  # a file that cannot be written, or the event file (in the writer's thread)
-        event_files = run_dir.glob("events.out.tfevents.*")
+        event_files = run_dir.rglob("events.out.tfevents.*")
         path = error.filename or max(event_files, key=os.path.getmtime, default=run_dir)
         raise UserError(f"cannot write {path}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
     except Stopped as stopped:

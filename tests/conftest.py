@@ -257,12 +257,18 @@ def events_of(run_dir: Path) -> EventAccumulator:
 
 
 def event_points(run_dir: Path) -> list[tuple[str, int]]:
-    """(tag, step) of every point TensorBoard shows of the run; a point written twice shows twice."""
-    events = events_of(run_dir)
-    tags = events.Tags()
-    readers = {"scalars": events.Scalars, "images": events.Images, "histograms": events.Histograms,
-               "tensors": events.Tensors}
-    return [(tag, event.step) for kind, read in readers.items() for tag in tags[kind] for event in read(tag)]
+    """(tag, step) of every point TensorBoard shows of the run and of its sub-runs, whose tags are
+    named "loss (train)"; a point written twice shows twice."""
+    points = []
+    sub_runs = [path for path in run_dir.iterdir() if path.name in ("train", "validation", "test")]
+    for folder in [run_dir, *sub_runs]:
+        events, sub_run = events_of(folder), "" if folder == run_dir else f" ({folder.name})"
+        tags = events.Tags()
+        readers = {"scalars": events.Scalars, "images": events.Images, "histograms": events.Histograms,
+                   "tensors": events.Tensors}
+        points += [(tag + sub_run, event.step) for kind, read in readers.items() for tag in tags[kind]
+                   for event in read(tag)]
+    return points
 
 
 def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:

@@ -47,15 +47,14 @@ def ddp_run(data_dir, tmp_path_factory) -> tuple[Path, Path]:
 def test_one_run_dir_with_a_falling_loss(ddp_run):
     run_dir, _ = ddp_run
     assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 16
-    assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1
-    events = events_of(run_dir)
-    losses = [event.value for event in events.Scalars("training loss")]
+    assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 3  # one each: run, train, validation
+    losses = [event.value for event in events_of(run_dir / "train").Scalars("loss")]
     assert len(losses) == 2 and losses[1] < losses[0]
     # 1,800 training samples (200 held out), 900 per process in batches of 16: 57 steps per epoch
     history = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]
     assert [record["step"] for record in history] == [57, 2 * 57]
     # The validation set is scored whole: its accuracy is a multiple of 1/200.
-    accuracies = [event.value for event in events.Scalars("validation accuracy")]
+    accuracies = [event.value for event in events_of(run_dir / "validation").Scalars("accuracy")]
     assert len(accuracies) == 2 and all(abs(a * 200 - round(a * 200)) < 1e-3 for a in accuracies)
 
 
@@ -175,5 +174,4 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
     steps = [250 * epoch if epoch == 1 else 250 + 125 * (epoch - 1) if epoch <= stopped
              else 250 + 125 * (stopped - 1) + 250 * (epoch - stopped) for epoch in range(1, 6)]
     assert [record["step"] for record in history] == steps
-    events = events_of(run_dir)
-    assert [event.step for event in events.Scalars("training loss")] == steps
+    assert [event.step for event in events_of(run_dir / "train").Scalars("loss")] == steps

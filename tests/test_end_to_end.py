@@ -32,17 +32,17 @@ def small_run(tmp_path_factory) -> Path:
 
 
 def test_scalars_have_one_point_per_epoch_or_step_on_one_x_axis(small_run):
-    events = events_of(small_run)
+    events, train, validation = (events_of(small_run / sub_run) for sub_run in ("", "train", "validation"))
     steps_per_epoch = 4  # 320 synthetic training digits, 64 held out, in batches of 64
-    for tag in ("training loss", "validation loss", "validation accuracy"):  # at the step each epoch ends
-        assert [event.step for event in events.Scalars(tag)] == [4, 8]
-    for tag in ("test loss", "test accuracy"):  # the test set, once, at the end
+    for curve in (train.Scalars("loss"), validation.Scalars("loss"), validation.Scalars("accuracy")):
+        assert [event.step for event in curve] == [4, 8]  # at the step each epoch ends
+    for tag in ("test/loss", "test/accuracy"):  # the test set, once, at the end
         assert [event.step for event in events.Scalars(tag)] == [8]
-    for tag in ("training loss/per step", "learning rate"):
+    for tag in ("training/loss per step", "training/learning rate"):
         assert [event.step for event in events.Scalars(tag)] == list(range(1, 2 * steps_per_epoch + 1))
-    learning_rates = [event.value for event in events.Scalars("learning rate")]
+    learning_rates = [event.value for event in events.Scalars("training/learning rate")]
     assert learning_rates[0] == pytest.approx(0.05) and learning_rates[-1] < learning_rates[0]
-    losses = [event.value for event in events.Scalars("training loss")]
+    losses = [event.value for event in train.Scalars("loss")]
     assert losses[1] < losses[0]
 
 
@@ -72,15 +72,15 @@ def test_hparams_row_lives_in_the_run_itself(small_run):
     content = events.PluginTagToContent("hparams")
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert {info.name.tag for info in experiment.experiment.metric_infos} == {
-        "validation accuracy", "validation loss", "test accuracy", "test loss"}
+    assert {(info.name.group, info.name.tag) for info in experiment.experiment.metric_infos} == {
+        ("validation", "accuracy"), ("validation", "loss"), ("", "test/accuracy"), ("", "test/loss")}
     values = session.session_start_info.hparams
     assert values["val_size"].number_value == 64 and values["nesterov"].bool_value is True
     assert values["lr"].number_value == pytest.approx(0.05)
     assert values["batch_size"].number_value == 64 and values["epochs"].number_value == 2
     assert {"momentum", "seed"} <= set(values)
-    event_files = list(small_run.rglob("events.out.tfevents.*"))
-    assert event_files and all(path.parent == small_run for path in event_files)  # no hparams sub-run
+    sub_runs = {path.parent.name for path in small_run.rglob("events.out.tfevents.*")}
+    assert sub_runs == {small_run.name, "train", "validation"}  # no hparams sub-run
 
 
 def test_projector_files_hold_features_labels_and_readable_sprite(small_run):
@@ -102,8 +102,8 @@ def test_config_and_metrics_json(small_run):
     assert metrics["epochs"] == 2 and 0 <= metrics["test_accuracy"] <= 1
     assert metrics["test_loss"] > 0 and metrics["training_seconds"] > 0 and metrics["images_per_second"] > 0
     events = events_of(small_run)
-    assert metrics["test_accuracy"] == pytest.approx(events.Scalars("test accuracy")[-1].value)
-    validation = [event.value for event in events.Scalars("validation accuracy")]
+    assert metrics["test_accuracy"] == pytest.approx(events.Scalars("test/accuracy")[-1].value)
+    validation = [event.value for event in events_of(small_run / "validation").Scalars("accuracy")]
     assert metrics["best_validation_accuracy"] == pytest.approx(max(validation))
     assert metrics["final_validation_accuracy"] == pytest.approx(validation[-1])
     assert validation[metrics["best_epoch"] - 1] == max(validation) and metrics["chosen_on"] == "validation"

@@ -122,9 +122,10 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path, interruptib
     for key, value in uninterrupted.items():  # same weights; a float32 ulp in the loss
         assert resumed[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
     points = event_points(run_dir)
-    assert steps_of(points, "training loss/per step") == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
-    assert steps_of(points, "training loss") == [epoch * STEPS_PER_EPOCH for epoch in range(1, EPOCHS + 1)]
-    assert steps_of(points, "learning rate") == steps_of(event_points(uninterrupted_run), "learning rate")
+    assert steps_of(points, "training/loss per step") == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    epoch_ends = [epoch * STEPS_PER_EPOCH for epoch in range(1, EPOCHS + 1)]
+    assert steps_of(points, "loss (train)") == steps_of(points, "accuracy (test)") == epoch_ends
+    assert sorted(points) == sorted(event_points(uninterrupted_run))  # every point, once
 
 
 @pytest.mark.parametrize("stopped_in", [2, 3], ids=["in epoch 2", "in the last epoch"])
@@ -300,7 +301,7 @@ def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, c
     assert "has finished its 1 epochs" in capsys.readouterr().err
     assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--device", "cpu"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
-    assert steps_of(event_points(run_dir), "training loss") == [8, 16]
+    assert steps_of(event_points(run_dir), "loss (train)") == [8, 16]
     # The projector shows the embeddings of the run's last session, at its final epoch.
     projector = (run_dir / "projector_config.pbtxt").read_text()
     assert projector.count("tensor_path: \"00002/") == 2 and "00001/" not in projector

@@ -106,8 +106,8 @@ def test_ctrl_c_then_a_new_batch_size_redoes_the_stopped_epoch_in_the_new_batche
     steps = 10 + 320 // batch_size  # the x-axis is the steps taken
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"][-1]["step"] == steps
     points = event_points(run_dir)
-    assert steps_of(points, "training loss/per step") == list(range(1, steps + 1))
-    assert steps_of(points, "training loss") == [10, steps]
+    assert steps_of(points, "training/loss per step") == list(range(1, steps + 1))
+    assert steps_of(points, "loss (train)") == steps_of(points, "loss (test)") == [10, steps]
     assert config_of(run_dir)["resumed"][0]["changed"] == {"batch_size": [32, batch_size]}
 
 
@@ -181,11 +181,12 @@ def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_aft
     points = event_points(run_dir)
     duplicates = [point for point, count in Counter(points).items() if count > 1]
     assert duplicates == []
-    assert steps_of(points, "training loss") == [10, 20, 30, 40]
-    assert steps_of(points, "training loss/per step") == list(range(1, 41))
+    assert steps_of(points, "loss (train)") == [10, 20, 30, 40]
+    assert steps_of(points, "training/loss per step") == list(range(1, 41))
     # The old run's figures and test scores at its end, step 30, were purged.
     assert steps_of(points, "visualizations/confusion matrix") == [40]
-    assert steps_of(points, "test accuracy") == [10, 20, 30, 40]  # with --val-size 0, the test set's curve
+    assert steps_of(points, "accuracy (test)") == [10, 20, 30, 40]  # with --val-size 0, the test set's curve
+    assert steps_of(points, "test/accuracy") == [40]  # and its final score
     assert metrics_of(run_dir)["epochs"] == 4
     # The projector shows the embeddings of the final session.
     projector = (run_dir / "projector_config.pbtxt").read_text()

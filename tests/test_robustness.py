@@ -197,7 +197,7 @@ def test_divergence_in_a_long_epoch_stops_within_50_steps_and_keeps_the_finite_c
         assert all(tensor.isfinite().all() for tensor in state["model"].values())
     assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     events = events_of(run_dir)
-    steps = [event.step for event in events.Scalars("training loss/per step")]
+    steps = [event.step for event in events.Scalars("training/loss per step")]
     assert steps == list(range(1, STEPS_PER_EPOCH + 1))  # the first epoch's; the diverged one logs nothing
     assert not (run_dir / "metrics.json").exists()
 
@@ -425,8 +425,9 @@ def check_complete(run_dir: Path, uninterrupted_run: Path) -> None:
     assert_same_weights(last["model"], weights(uninterrupted_run / "checkpoints" / "last.pt"))
     torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     events = events_of(run_dir)
-    assert [e.step for e in events.Scalars("training loss")] == [record["step"] for record in last["history"]]
-    assert [e.step for e in events.Scalars("training loss/per step")] == list(
+    epoch_ends = [record["step"] for record in last["history"]]
+    assert [event.step for event in events_of(run_dir / "train").Scalars("loss")] == epoch_ends
+    assert [e.step for e in events.Scalars("training/loss per step")] == list(
         range(1, epochs * steps_per_epoch + 1))
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
 

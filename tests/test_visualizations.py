@@ -1,8 +1,10 @@
 """What a run shows about the model: histograms, per-digit accuracy, figures, PR curves, embeddings,
 checked in the event files and through a real TensorBoard server."""
 
+import collections
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -41,15 +43,15 @@ def test_weight_and_gradient_histograms_every_epoch(run_dir):
 
 
 def test_accuracy_per_digit_every_epoch_adds_up(run_dir):
-    events = events_of(run_dir)
-    per_digit = [events.Scalars(f"validation accuracy per digit/{digit}") for digit in range(10)]
+    validation = events_of(run_dir / "validation")  # the sub-run of the validation set's curves
+    per_digit = [validation.Scalars(f"per digit accuracy/{digit}") for digit in range(10)]
     assert all([event.step for event in curve] == EPOCH_ENDS for curve in per_digit)
     _, train_labels = synthetic_digits(320, seed=1)  # the training split write_mnist wrote
     held_out = torch.randperm(320, generator=torch.Generator().manual_seed(train_mnist.VALIDATION_SEED))[:64]
     counts = np.bincount(train_labels[held_out.numpy()], minlength=10)
     for epoch in range(EPOCHS):
         weighted = sum(curve[epoch].value * count for curve, count in zip(per_digit, counts)) / counts.sum()
-        assert weighted == pytest.approx(events.Scalars("validation accuracy")[epoch].value, abs=1e-6)
+        assert weighted == pytest.approx(validation.Scalars("accuracy")[epoch].value, abs=1e-6)
 
 
 def test_misclassified_image_shows_each_wrong_digit_twice_as_large_above_its_labels():
@@ -120,8 +122,9 @@ def fetch(url: str, body: dict | None = None):
         return json.loads(response.read())
 
 
-@pytest.mark.slow
-def test_a_real_tensorboard_serves_everything(run_dir):
+@pytest.fixture(scope="module")
+def tensorboard(run_dir):
+    """A real TensorBoard server on the run's log folder; yields its data URL."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
                                "--host", "127.0.0.1", "--port", str(port)],
@@ -132,59 +135,13 @@ def test_a_real_tensorboard_serves_everything(run_dir):
         while True:
             assert server.poll() is None, server.stderr.read().decode()
             try:
-                if fetch(f"{base}/runs") == ["v"]:
+                if fetch(f"{base}/runs") == ["v", "v/train", "v/validation"]:
                     break
             except OSError:
                 pass
             assert time.monotonic() < deadline, "TensorBoard did not answer within 90 s"
             time.sleep(0.5)
-
-        scalars = fetch(f"{base}/plugin/scalars/tags")["v"]
-        expected = {"training loss", "training loss/per step", "validation loss", "validation accuracy",
-                    "test loss", "test accuracy", "learning rate", "validation accuracy per digit/0"}
-        assert expected <= set(scalars)
-        points = fetch(f"{base}/plugin/scalars/scalars?run=v&tag=training%20loss")
-        assert [step for _, step, _ in points] == EPOCH_ENDS
-        pictures = set(fetch(f"{base}/plugin/images/tags")["v"])
-        assert pictures == {f"visualizations/{name}" for name in ("training digits", "conv1 filters",
-                                                                  "confusion matrix", "misclassified digits")}
-        histograms = set(fetch(f"{base}/plugin/histograms/tags")["v"])
-        # TensorBoard lists tags by name: the curves first, then the pictures and histograms.
-        assert max(scalars) < min(pictures | histograms)
-        assert fetch(f"{base}/plugin/graphs/info")["v"]["run_graph"] is True
-        assert {"weights/conv1.weight", "weight gradients/fc3.weight"} <= histograms
-        assert len(fetch(f"{base}/plugin/pr_curves/tags")["v"]) == 10
-        assert fetch(f"{base}/plugin/projector/runs") == ["v"]
-        embeddings = fetch(f"{base}/plugin/projector/info?run=v")["embeddings"]
-        assert {e["tensorName"].split(":")[0] for e in embeddings} == {"train features", "test features"}
-        assert all(e["tensorShape"] == [30, 256] and "sprite" in e for e in embeddings)
-
-        experiment = fetch(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
-        # Every column, with its type: TensorBoard's numbers are all FLOAT64 (it has no integer
-        # type); the switches are booleans.
-        types = {info["name"]: info.get("type") for info in experiment["hparamInfos"]}
-        switches = ("nesterov", "deterministic")
-        numbers = ("lr", "batch_size", "epochs", "momentum", "weight_decay", "warmup", "lr_decay",
-                   "label_smoothing", "seed", "val_size", "patience")
-        expected = dict.fromkeys(numbers, "DATA_TYPE_FLOAT64") | dict.fromkeys(switches, "DATA_TYPE_BOOL")
-        assert types == expected
-        shown_first = {info["name"] for info in experiment["hparamInfos"] if info.get("differs")}
-        assert shown_first == {"lr", "batch_size", "epochs", "momentum", "seed"}  # TensorBoard shows five
-        assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {
-            "validation accuracy", "validation loss", "test accuracy", "test loss"}
-        groups = fetch(f"{base}/plugin/hparams/session_groups", {
-            "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [],
-            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
-        (group,) = groups["sessionGroups"]
-        assert group["name"] == "v"  # the trial's name is the run's
-        config = json.loads((run_dir / "config.json").read_text())
-        assert group["hparams"]["lr"] == pytest.approx(0.05)
-        assert group["hparams"]["batch_size"] == config["batch_size"]
-        assert group["hparams"]["nesterov"] is True and group["hparams"]["deterministic"] is False
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        metric = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
-        assert metric["test accuracy"] == pytest.approx(metrics["test_accuracy"])  # side by side
-        assert metric["validation accuracy"] == pytest.approx(metrics["final_validation_accuracy"])
+        yield base
     finally:
         server.terminate()
         try:
@@ -192,3 +149,92 @@ def test_a_real_tensorboard_serves_everything(run_dir):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+def tensorboard_order(tag: str) -> list[tuple]:
+    """TensorBoard's own order of tag names (compareTagNames in its frontend): a run of digits
+    compares as a number, and "/" and digits come before any other character."""
+    return [(0, 0) if token == "/" else (1, int(token)) if token.isdigit() else (2, token)
+            for token in re.findall(r"\d+|.", tag)]
+
+
+def groups_in_order(tags: set[str]) -> list[str]:
+    """The groups TensorBoard shows, top to bottom: tags sorted its way, grouped by their first
+    path component (Time Series opens the first two, Scalars the first three)."""
+    groups = [tag.split("/", 1)[0] for tag in sorted(tags, key=tensorboard_order)]
+    return list(dict.fromkeys(groups))
+
+
+@pytest.mark.slow
+def test_tensorboard_opens_on_the_loss_of_both_sets_and_the_validation_accuracy(tensorboard):
+    """The groups that open first hold the training and validation loss in one chart, then the
+    validation accuracy; the learning rate, the test set's one score, the histograms and the
+    pictures come after. Checked on what a real TensorBoard server lists."""
+    cards = fetch(f"{tensorboard}/plugin/timeseries/tags")
+    runs_of = collections.defaultdict(set)  # a Time Series card is a tag, with a line per run
+    for run, tags in cards["scalars"]["runTagInfo"].items():
+        for tag in tags:
+            runs_of[tag].add(run)
+    time_series = set(runs_of) | set(cards["histograms"]["runTagInfo"]["v"]) | set(
+        cards["images"]["tagRunSampledInfo"])
+    assert groups_in_order(time_series)[:2] == ["accuracy", "loss"]
+    assert runs_of["loss"] == {"v/train", "v/validation"} and runs_of["accuracy"] == {"v/validation"}
+    after = ["test", "training", "visualizations", "weight gradients", "weights"]
+    assert [group for group in groups_in_order(time_series) if group in after] == after
+    scalars = {tag for tags in fetch(f"{tensorboard}/plugin/scalars/tags").values() for tag in tags}
+    assert groups_in_order(scalars)[:3] == ["accuracy", "loss", "per digit accuracy"]
+
+
+@pytest.mark.slow
+def test_a_real_tensorboard_serves_everything(run_dir, tensorboard):
+    base = tensorboard
+    runs_of_scalars = fetch(f"{base}/plugin/scalars/tags")
+    scalars = runs_of_scalars["v"]
+    assert {"training/loss per step", "training/learning rate", "test/loss", "test/accuracy"} <= set(scalars)
+    assert set(runs_of_scalars["v/train"]) == {"loss"}
+    assert {"loss", "accuracy", "per digit accuracy/0"} <= set(runs_of_scalars["v/validation"])
+    for run in ("v/train", "v/validation"):
+        points = fetch(f"{base}/plugin/scalars/scalars?run={run}&tag=loss")
+        assert [step for _, step, _ in points] == EPOCH_ENDS
+    pictures = set(fetch(f"{base}/plugin/images/tags")["v"])
+    assert pictures == {f"visualizations/{name}" for name in ("training digits", "conv1 filters",
+                                                              "confusion matrix", "misclassified digits")}
+    histograms = set(fetch(f"{base}/plugin/histograms/tags")["v"])
+    assert fetch(f"{base}/plugin/graphs/info")["v"]["run_graph"] is True
+    assert {"weights/conv1.weight", "weight gradients/fc3.weight"} <= histograms
+    assert len(fetch(f"{base}/plugin/pr_curves/tags")["v"]) == 10
+    assert fetch(f"{base}/plugin/projector/runs") == ["v"]
+    embeddings = fetch(f"{base}/plugin/projector/info?run=v")["embeddings"]
+    assert {e["tensorName"].split(":")[0] for e in embeddings} == {"train features", "test features"}
+    assert all(e["tensorShape"] == [30, 256] and "sprite" in e for e in embeddings)
+
+    experiment = fetch(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
+    # Every column, with its type: TensorBoard's numbers are all FLOAT64 (it has no integer
+    # type); the switches are booleans.
+    types = {info["name"]: info.get("type") for info in experiment["hparamInfos"]}
+    switches = ("nesterov", "deterministic")
+    numbers = ("lr", "batch_size", "epochs", "momentum", "weight_decay", "warmup", "lr_decay",
+               "label_smoothing", "seed", "val_size", "patience")
+    expected = dict.fromkeys(numbers, "DATA_TYPE_FLOAT64") | dict.fromkeys(switches, "DATA_TYPE_BOOL")
+    assert types == expected
+    shown_first = {info["name"] for info in experiment["hparamInfos"] if info.get("differs")}
+    assert shown_first == {"lr", "batch_size", "epochs", "momentum", "seed"}  # TensorBoard shows five
+    columns = {(metric["name"].get("group", ""), metric["name"]["tag"]): metric["displayName"]
+               for metric in experiment["metricInfos"]}
+    assert columns == {
+        ("validation", "accuracy"): "validation accuracy", ("validation", "loss"): "validation loss",
+        ("", "test/accuracy"): "test accuracy", ("", "test/loss"): "test loss"}
+    groups = fetch(f"{base}/plugin/hparams/session_groups", {
+        "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [],
+        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
+    (group,) = groups["sessionGroups"]
+    assert group["name"] == "v"  # the trial's name is the run's
+    config = json.loads((run_dir / "config.json").read_text())
+    assert group["hparams"]["lr"] == pytest.approx(0.05)
+    assert group["hparams"]["batch_size"] == config["batch_size"]
+    assert group["hparams"]["nesterov"] is True and group["hparams"]["deterministic"] is False
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metric = {(m["name"].get("group", ""), m["name"]["tag"]): m["value"] for m in group["metricValues"]}
+    assert metric["", "test/accuracy"] == pytest.approx(metrics["test_accuracy"])  # side by side
+    assert metric["validation", "accuracy"] == pytest.approx(metrics["final_validation_accuracy"])
+    assert len(metric) == 4
