@@ -594,6 +594,8 @@ def log_epoch(writer: SummaryWriter, curves: dict[str, SummaryWriter], net: MNIS
     filters = F.interpolate(net.conv1.weight.detach().cpu(), scale_factor=8)  # 5x5 pixels are hard to see
     grid = make_grid(filters, normalize=True, scale_each=True, pad_value=1)  # each filter black to white
     writer.add_image(f"{PICTURES}conv1 filters", grid, step)
+    for sub_run in curves.values():  # on disk with the epoch's checkpoint, and before metrics.json
+        sub_run.flush()
     tqdm.write(f"Epoch {record['epoch']}: train loss {record['train_loss']:.4f}, {monitor} loss "
                f"{evaluation.loss:.4f}, {monitor} accuracy {evaluation.accuracy:.4f}")
 
@@ -904,10 +906,9 @@ def open_run(state: dict, step: int, monitor: str):
     except Timeout:
         raise UserError(f"run {run_dir} is in use by another process; wait for it to end, or stop "
                         "it first") from None
-    except OSError as error:  # a file that cannot be written, or the event file (in the writer's thread)
-        event_files = run_dir.rglob("events.out.tfevents.*")
-        path = error.filename or max(event_files, key=os.path.getmtime, default=run_dir)
-        raise UserError(f"cannot write {path}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
+    except OSError as error:  # a file TensorBoard writes (an event file, the projector's): it names none
+        where = error.filename or f"a file in {run_dir}"
+        raise UserError(f"cannot write {where}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
     except Stopped as stopped:
         stopped.run_dir = run_dir
         raise

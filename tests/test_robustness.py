@@ -1,5 +1,6 @@
 """Bad input, corrupt data, divergence, signals, failing disks, name collisions, and a soak."""
 
+import builtins
 import collections
 import contextlib
 import errno
@@ -12,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -299,28 +301,74 @@ class FullDisk(io.FileIO):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_failing_checkpoint_write_is_reported_and_the_previous_one_survives(
-        tmp_path, synthetic_data, monkeypatch, capsys):
-    """Where no small real disk can be made (see the next test), the write fails as it does there."""
-    opened = collections.Counter()
+def named(name: str) -> Callable[[Path], bool]:
+    return lambda path: path.name == name
+
+
+def event_file_in(folder: str) -> Callable[[Path], bool]:
+    return lambda path: path.name.startswith("events.out.tfevents.") and path.parent.name == folder
+
+
+# Every file a run writes (the projector's with --num-embeddings): how its name is matched as it
+# is opened; how many epochs' checkpoints are saved before its writes fail, as the disk fills;
+# and the epochs last.pt then holds (None: no last.pt). The script writes its own files through a
+# temporary file, and names them; TensorBoard's writers name none, so the line names the folder.
+WRITTEN_FILES = {
+    "config.json": (named(".config.json.tmp"), 0, None),
+    "last.pt": (named(".last.pt.tmp"), 1, 1),
+    "best.pt": (named(".best.pt.tmp"), 0, 1),
+    "metrics.json": (named(".metrics.json.tmp"), 0, 2),
+    "the run's event file": (event_file_in("full"), 2, 2),  # flushed as the run ends
+    "train's event file": (event_file_in("train"), 1, 1),  # flushed as each epoch ends
+    "validation's event file": (event_file_in("validation"), 0, None),  # written as its writer starts
+    "tensors.tsv": (named("tensors.tsv"), 0, 2),
+    "metadata.tsv": (named("metadata.tsv"), 0, 2),
+    "sprite.png": (named("sprite.png"), 0, 2),
+    "projector_config.pbtxt": (named("projector_config.pbtxt"), 0, 2),
+}
+
+
+@pytest.mark.parametrize("written", WRITTEN_FILES)
+def test_a_full_disk_on_any_file_a_run_writes_is_one_line_and_the_checkpoints_survive(
+        tmp_path, synthetic_data, monkeypatch, capsys, written):
+    """On any machine, root or not: the file's writes fail as on a full disk (the real small-disk
+    tests below need root)."""
+    is_it, saved_before, epochs_saved = WRITTEN_FILES[written]
+    saves, failed, real_open = [], [], io.open
 
     def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
-        opened[Path(path).name] += 1
-        if Path(path).name == ".last.pt.tmp" and opened[".last.pt.tmp"] == 2:  # epoch 2's save
-            return FullDisk(path, "w")
-        return open(path, mode, *args, **kwargs)
+        if isinstance(path, int) or not set(mode) & set("wa"):  # a file descriptor, or a read
+            return real_open(path, mode, *args, **kwargs)
+        path = Path(os.fsdecode(path))  # TensorBoard names its files in bytes
+        if is_it(path) and len(saves) >= saved_before:
+            failed.append(path)
+            return FullDisk(path, "a" if "a" in mode else "w")
+        saves.extend([path] if path.name == ".last.pt.tmp" else [])
+        return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(train_mnist, "open", open_on_a_filling_disk, raising=False)
-    code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
+    monkeypatch.setattr(builtins, "open", open_on_a_filling_disk)  # the script's own files
+    monkeypatch.setattr(io, "open", open_on_a_filling_disk)  # TensorBoard's
+    code = train_mnist.main(["--epochs", "2", "--val-size", "64", "--num-embeddings", "16", "--device",
+                             "cpu", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
                              "--run-name", "full"])
     monkeypatch.undo()
-    assert code == 1
-    message = one_line_error(capsys)
-    assert "last.pt: No space left on device; the previous file, if any, is kept" in message
-    last = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
-    assert len(last["history"]) == 1
-    assert not (tmp_path / "full" / "metrics.json").exists()
-    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    assert failed and code == 1
+    run_dir = tmp_path / "full"
+    if written.endswith((".json", ".pt")):
+        expected = (f"error: cannot write {run_dir}/{'checkpoints/' * written.endswith('.pt')}{written}: No "
+                    "space left on device; the previous file, if any, is kept. Free some disk space or pick "
+                    "another --log-dir")
+    else:
+        expected = (f"error: cannot write a file in {run_dir}: No space left on device; free some disk space "
+                    "or pick another --log-dir")
+    assert one_line_error(capsys) == expected
+    assert not list(run_dir.rglob("*.tmp"))  # no temporary file left taking the space
+    assert not (run_dir / "metrics.json").exists()  # the run did not finish
+    last = run_dir / "checkpoints" / "last.pt"
+    if epochs_saved is None:
+        assert not last.exists()
+    else:
+        assert len(torch.load(last, weights_only=True)["history"]) == epochs_saved
 
 
 def unshare_works() -> bool:
@@ -361,9 +409,10 @@ def fill_up(run_dir: Path, leave: int) -> None:
 @pytest.mark.skipif(not unshare_works(), reason="needs `unshare --mount` (root) for a real small disk; "
                     "the tests above fail the writes the way they fail on a full disk")
 @pytest.mark.parametrize(("when", "leave", "failing"), [
-    ("before the run", 0, "config.json"),
-    ("after epoch 1", 0, "events.out.tfevents"),
-    ("after epoch 1", 300_000, "checkpoints/last.pt"),  # an epoch's logs fit (140 kB), not a checkpoint
+    ("before the run", 0, "{run_dir}/config.json"),
+    ("after epoch 1", 0, "a file in {run_dir}"),  # an event file: TensorBoard's writer names none
+    # an epoch's logs fit (140 kB), not a checkpoint:
+    ("after epoch 1", 300_000, "{run_dir}/checkpoints/last.pt"),
 ], ids=["config.json", "event file", "checkpoint"])
 def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint_survives(
         tmp_path, interruptible_data, when, leave, failing):
@@ -379,7 +428,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint_survive
     assert process.returncode == 1, err
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("Epoch ")]  # no bars
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"error: cannot write {tmp_path / 'disk' / 'run'}/{failing}")
+    assert lines[0].startswith(f"error: cannot write {failing.format(run_dir=tmp_path / 'disk' / 'run')}")
     assert "No space left on device" in lines[0] and "free some disk space" in lines[0].lower()
     after = tmp_path / "after" / "run"
     assert not list(after.rglob("*.tmp"))  # no temporary file left taking the space
