@@ -260,7 +260,7 @@ def event_points(run_dir: Path) -> list[tuple[str, int]]:
     """(tag, step) of every point TensorBoard shows of the run and of its sub-runs, whose tags are
     named "loss (train)"; a point written twice shows twice."""
     points = []
-    sub_runs = [path for path in run_dir.iterdir() if path.name in ("train", "validation", "test")]
+    sub_runs = sorted({path.parent for path in run_dir.glob("*/events.out.tfevents.*")})
     for folder in [run_dir, *sub_runs]:
         events, sub_run = events_of(folder), "" if folder == run_dir else f" ({folder.name})"
         tags = events.Tags()

@@ -114,8 +114,8 @@ def test_ctrl_c_then_a_new_batch_size_redoes_the_stopped_epoch_in_the_new_batche
 def test_a_signal_inside_a_librarys_except_exception_still_stops_the_run(tmp_path, synthetic_data, capfd,
                                                                          ctrl_c_in_epoch, monkeypatch):
     """tqdm asks for the terminal's size at every refresh, inside `except Exception`. A Ctrl-C that
-    lands there must still stop the run, at once: nothing may swallow it."""
-    ctrl_c_in_epoch(0)  # no Ctrl-C of its own; it restores the signal handlers after the test
+    lands there must still stop the run, at once: nothing may swallow it. (ctrl_c_in_epoch is
+    asked for its teardown: it restores the signal handlers.)"""
     asked = itertools.count(1)
 
     def terminal_size(*_args):
