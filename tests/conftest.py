@@ -143,11 +143,32 @@ def real_data_dir() -> Path:
 
 # --- Running the script ------------------------------------------------------------------
 
-def train_in_process(data_dir: Path, log_dir: Path, name: str, *flags: str) -> Path:
-    """main() with these flags into log_dir/name; returns that run folder."""
-    argv = [*flags, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--run-name", name]
+# Flag presets, one per purpose; a test adds --epochs and what it is about. On write_mnist's 320
+# training digits:
+# - QUICK_VALIDATED: batches of 32, 64 digits held out for validation;
+QUICK_VALIDATED = ["--batch-size", "32", "--lr", "0.05", "--test-batch-size", "50", "--num-embeddings", "0",
+                   "--val-size", "64", "--device", "cpu"]
+# - CONSTANT_LR: 10 steps an epoch at a constant learning rate, plain momentum, no validation: a run
+#   that a test can repeat by hand;
+CONSTANT_LR = ["--batch-size", "32", "--lr", "0.05", "--warmup", "0", "--lr-decay", "0", "--no-nesterov",
+               "--num-embeddings", "0", "--device", "cpu", "--val-size", "0"]
+# - UNVALIDATED: two epochs of the default recipe, without validation or projector;
+UNVALIDATED = ["--epochs", "2", "--num-embeddings", "0", "--device", "cpu", "--val-size", "0"]
+# - FULLY_LOGGED: two epochs with validation, a decaying learning rate and the projector's 40 digits.
+FULLY_LOGGED = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
+                "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5", "--val-size", "64"]
+
+
+def train_in_process(data_dir: Path, log_dir: Path, name: str | None, *flags: str) -> Path:
+    """main() with these flags into log_dir, checked to end with exit code 0; returns the run
+    folder it made: log_dir/name, or the name the run gave itself when `name` is None."""
+    before = set(log_dir.iterdir()) if log_dir.exists() else set()
+    argv = [*flags, "--data-dir", str(data_dir), "--log-dir", str(log_dir)]
+    if name:
+        argv += ["--run-name", name]
     assert train_mnist.main(argv) == 0
-    return log_dir / name
+    (run_dir,) = set(log_dir.iterdir()) - before
+    return run_dir
 
 
 def script_command(*argv: str) -> list[str]:

@@ -10,25 +10,13 @@ from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
-from conftest import events_of, metrics_of, synthetic_digits, write_mnist
-
-SMALL_RUN = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
-             "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5", "--val-size", "64"]
-
-
-def train_small(data_dir: Path, log_dir: Path, *extra: str) -> Path:
-    """Run the script in-process on synthetic data; return the run dir it made."""
-    before = set(log_dir.iterdir()) if log_dir.exists() else set()
-    code = train_mnist.main([*SMALL_RUN, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *extra])
-    assert code == 0
-    (run_dir,) = set(log_dir.iterdir()) - before
-    return run_dir
+from conftest import FULLY_LOGGED, events_of, metrics_of, synthetic_digits, train_in_process, write_mnist
 
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
-    return train_small(write_mnist(root / "data"), root / "runs")
+    return train_in_process(write_mnist(root / "data"), root / "runs", None, *FULLY_LOGGED)
 
 
 def test_scalars_have_one_point_per_epoch_or_step_on_one_x_axis(small_run):
@@ -111,8 +99,8 @@ def test_config_and_metrics_json(small_run):
 
 def test_each_run_gets_a_fresh_directory(tmp_path, synthetic_data, capsys):
     log_dir = tmp_path / "runs"
-    first = train_small(synthetic_data, log_dir, "--epochs", "1")
-    second = train_small(synthetic_data, log_dir, "--epochs", "1")
+    first = train_in_process(synthetic_data, log_dir, None, *FULLY_LOGGED, "--epochs", "1")
+    second = train_in_process(synthetic_data, log_dir, None, *FULLY_LOGGED, "--epochs", "1")
     assert first != second and first.parent == second.parent == log_dir
     assert len(list(first.glob("events.out.tfevents.*"))) == 1
     out = capsys.readouterr().out

@@ -15,6 +15,7 @@ import train_mnist
 from conftest import (
     EPOCHS,
     INTERRUPTIBLE,
+    QUICK_VALIDATED,
     STEPS_PER_EPOCH,
     assert_same_weights,
     event_points,
@@ -25,19 +26,12 @@ from conftest import (
     signal_in_a_later_epoch,
     start_script,
     steps_of,
+    train_in_process,
     weights,
     write_mnist,
 )
 
-FAST = ["--batch-size", "32", "--lr", "0.05", "--test-batch-size", "50", "--num-embeddings", "0",
-        "--val-size", "64", "--device", "cpu"]
 TIMING_KEYS = {"training_seconds", "images_per_second"}
-
-
-def train_run(data_dir: Path, log_dir: Path, name: str, *extra: str) -> Path | None:
-    """main() with FAST and `extra`; the run folder, or None if it ended with an error."""
-    argv = [*FAST, *extra, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--run-name", name]
-    return log_dir / name if train_mnist.main(argv) == 0 else None
 
 
 def metrics_without_timing(run_dir: Path) -> dict:
@@ -45,9 +39,9 @@ def metrics_without_timing(run_dir: Path) -> dict:
 
 
 def test_same_seed_gives_bit_identical_weights_and_metrics(tmp_path, synthetic_data):
-    first = train_run(synthetic_data, tmp_path, "a", "--epochs", "2", "--seed", "7")
-    second = train_run(synthetic_data, tmp_path, "b", "--epochs", "2", "--seed", "7")
-    other = train_run(synthetic_data, tmp_path, "c", "--epochs", "2", "--seed", "8")
+    first = train_in_process(synthetic_data, tmp_path, "a", *QUICK_VALIDATED, "--epochs", "2", "--seed", "7")
+    second = train_in_process(synthetic_data, tmp_path, "b", *QUICK_VALIDATED, "--epochs", "2", "--seed", "7")
+    other = train_in_process(synthetic_data, tmp_path, "c", *QUICK_VALIDATED, "--epochs", "2", "--seed", "8")
     assert_same_weights(weights(first / "checkpoints/last.pt"), weights(second / "checkpoints/last.pt"))
     assert metrics_without_timing(first) == metrics_without_timing(second)
     assert not torch.equal(weights(first / "checkpoints/last.pt")["fc3.weight"],
@@ -56,17 +50,18 @@ def test_same_seed_gives_bit_identical_weights_and_metrics(tmp_path, synthetic_d
 
 def test_deterministic_flag_turns_on_deterministic_algorithms(tmp_path, synthetic_data):
     try:
-        run_dir = train_run(synthetic_data, tmp_path, "det", "--epochs", "1", "--deterministic")
+        run_dir = train_in_process(synthetic_data, tmp_path, "det", *QUICK_VALIDATED,
+                                   "--epochs", "1", "--deterministic")
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
-    plain = train_run(synthetic_data, tmp_path, "plain", "--epochs", "1")
+    plain = train_in_process(synthetic_data, tmp_path, "plain", *QUICK_VALIDATED, "--epochs", "1")
     assert_same_weights(weights(run_dir / "checkpoints/last.pt"), weights(plain / "checkpoints/last.pt"))
     assert json.loads((run_dir / "config.json").read_text())["deterministic"] is True
 
 
 def test_checkpoints_hold_the_whole_state_and_load_weights_only(tmp_path, synthetic_data):
-    run_dir = train_run(synthetic_data, tmp_path, "ck", "--epochs", "2")
+    run_dir = train_in_process(synthetic_data, tmp_path, "ck", *QUICK_VALIDATED, "--epochs", "2")
     last = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
     best = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
     assert last.keys() == {"model", "optimizer", "best_model", "history", "config"}
@@ -133,11 +128,12 @@ def test_ctrl_c_with_validation_then_resume_equals_a_run_left_alone(tmp_path, sy
                                                                     stopped_in):
     """With the validation split on: the final weights, best.pt, the best epoch and metrics.json of a
     run stopped by Ctrl-C and resumed are those of the same run left alone."""
-    alone = train_run(synthetic_data, tmp_path, "alone", "--epochs", "3", "--lr", "0.01")
+    alone = train_in_process(synthetic_data, tmp_path, "alone", *QUICK_VALIDATED,
+                             "--epochs", "3", "--lr", "0.01")
     ctrl_c_in_epoch(stopped_in)
     stopped = tmp_path / "stopped"
-    assert train_mnist.main([*FAST, "--epochs", "3", "--lr", "0.01", "--data-dir", str(synthetic_data),
-                             "--log-dir", str(tmp_path), "--run-name", "stopped"]) == 130
+    assert train_mnist.main([*QUICK_VALIDATED, "--epochs", "3", "--lr", "0.01", "--data-dir",
+                             str(synthetic_data), "--log-dir", str(tmp_path), "--run-name", "stopped"]) == 130
     saved = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)["history"]
     assert len(saved) == stopped_in - 1 and not (stopped / "metrics.json").exists()
     assert train_mnist.main(["--resume", str(stopped)]) == 0
@@ -157,15 +153,15 @@ def test_the_test_set_is_scored_once_per_run_or_once_per_epoch_without_validatio
         return real_test(model, loader)
 
     monkeypatch.setattr(train_mnist, "test", counting_test)
-    train_run(synthetic_data, tmp_path, "validated", "--epochs", "3")
+    train_in_process(synthetic_data, tmp_path, "validated", *QUICK_VALIDATED, "--epochs", "3")
     assert scored == [False, False, False, True]  # each epoch on the validation set, then the test set once
     scored.clear()
-    train_run(synthetic_data, tmp_path, "plain", "--epochs", "3", "--val-size", "0")
+    train_in_process(synthetic_data, tmp_path, "plain", *QUICK_VALIDATED, "--epochs", "3", "--val-size", "0")
     assert scored == [True] * 4  # each epoch on the test set, as the course does, and the final score
 
 
 def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synthetic_data, capsys):
-    run_dir = train_run(synthetic_data, tmp_path, "ev", "--epochs", "2")
+    run_dir = train_in_process(synthetic_data, tmp_path, "ev", *QUICK_VALIDATED, "--epochs", "2")
     reported = f"Test accuracy: {metrics_of(run_dir)['test_accuracy']:.4f}"  # of best.pt's weights
     capsys.readouterr()
     before = sorted(tmp_path.rglob("*"))
@@ -175,7 +171,8 @@ def test_evaluate_reports_the_training_accuracy_without_a_run_dir(tmp_path, synt
     assert reported in capsys.readouterr().out
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
     # Without a validation set the run reports its final weights, and a folder means its last.pt.
-    plain = train_run(synthetic_data, tmp_path, "plain", "--epochs", "2", "--val-size", "0")
+    plain = train_in_process(synthetic_data, tmp_path, "plain", *QUICK_VALIDATED,
+                             "--epochs", "2", "--val-size", "0")
     capsys.readouterr()
     before = sorted(tmp_path.rglob("*"))
     assert train_mnist.main(["--evaluate", str(plain), "--device", "cpu"]) == 0
@@ -278,8 +275,8 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data
 def test_an_interrupted_sweep_still_writes_its_table_with_every_point(tmp_path, synthetic_data,
                                                                       ctrl_c_in_epoch, capsys):
     ctrl_c_in_epoch(4)  # run 1: epochs 1 and 2; run 2: epoch 1, then Ctrl-C as its epoch 2 begins
-    argv = [*FAST, "--lr", "0.05", "0.02", "0.01", "--epochs", "2", "--data-dir", str(synthetic_data),
-            "--log-dir", str(tmp_path / "runs")]
+    argv = [*QUICK_VALIDATED, "--lr", "0.05", "0.02", "0.01", "--epochs", "2", "--data-dir",
+            str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 130
     (table,) = (tmp_path / "runs").glob("sweep-*.csv")
     with open(table) as file:
@@ -295,7 +292,8 @@ def test_an_interrupted_sweep_still_writes_its_table_with_every_point(tmp_path, 
 
 
 def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, capsys):
-    run_dir = train_run(synthetic_data, tmp_path, "done", "--epochs", "1", "--num-embeddings", "8")
+    run_dir = train_in_process(synthetic_data, tmp_path, "done", *QUICK_VALIDATED,
+                               "--epochs", "1", "--num-embeddings", "8")
     capsys.readouterr()
     assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 1
     assert "has finished its 1 epochs" in capsys.readouterr().err
@@ -325,12 +323,14 @@ def test_the_validation_split_is_fixed_and_apart_from_the_training_images(synthe
 
 
 def test_a_validation_set_as_large_as_the_training_set_is_one_line(tmp_path, synthetic_data, capsys):
-    assert train_run(synthetic_data, tmp_path, "big", "--val-size", "320") is None
+    assert train_mnist.main([*QUICK_VALIDATED, "--val-size", "320", "--data-dir", str(synthetic_data),
+                             "--log-dir", str(tmp_path), "--run-name", "big"]) == 1
     assert "--val-size 320 leaves none of the 320 training images to train on" in one_line_error(capsys)
 
 
 def test_without_validation_the_console_says_the_test_set_chose(tmp_path, synthetic_data, capsys):
-    run_dir = train_run(synthetic_data, tmp_path, "plain", "--epochs", "1", "--val-size", "0")
+    run_dir = train_in_process(synthetic_data, tmp_path, "plain", *QUICK_VALIDATED,
+                               "--epochs", "1", "--val-size", "0")
     out = capsys.readouterr().out
     assert "(--val-size 0: every epoch was scored on this test set, so this figure is optimistic)" in out
     metrics = metrics_of(run_dir)
@@ -338,7 +338,8 @@ def test_without_validation_the_console_says_the_test_set_chose(tmp_path, synthe
 
 
 def test_patience_stops_early_and_the_run_finishes_on_its_best_weights(tmp_path, synthetic_data, capsys):
-    run_dir = train_run(synthetic_data, tmp_path, "patient", "--epochs", "20", "--patience", "2")
+    run_dir = train_in_process(synthetic_data, tmp_path, "patient", *QUICK_VALIDATED,
+                               "--epochs", "20", "--patience", "2")
     err = capsys.readouterr().err
     metrics = metrics_of(run_dir)
     assert "Stopping early: validation accuracy has not improved for 2 epochs" in err
@@ -378,7 +379,8 @@ def test_nesterov_and_label_smoothing_reach_the_optimizer_and_the_loss(tmp_path,
         return real_train(model, optimizer, scheduler, loader, loss_fn, *args, **kwargs)
 
     monkeypatch.setattr(train_mnist, "train", train_and_look)
-    run_dir = train_run(synthetic_data, tmp_path, "recipe", "--epochs", "1", "--nesterov",
+    run_dir = train_in_process(synthetic_data, tmp_path, "recipe", *QUICK_VALIDATED,
+                               "--epochs", "1", "--nesterov",
                         "--label-smoothing", "0.1", "--warmup", "0.3")
     assert seen == [(True, 0.1)]
     config = json.loads((run_dir / "config.json").read_text())

@@ -16,6 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
 from conftest import (
+    CONSTANT_LR,
     INTERRUPTIBLE,
     assert_same_weights,
     event_points,
@@ -30,9 +31,6 @@ from conftest import (
 )
 from models import MNISTNet
 
-# 320 synthetic digits in batches of 32: 10 steps an epoch, at a constant learning rate.
-FAST = ["--batch-size", "32", "--lr", "0.05", "--warmup", "0", "--lr-decay", "0", "--no-nesterov",
-        "--num-embeddings", "0", "--device", "cpu", "--val-size", "0"]
 CPU = torch.device("cpu")
 
 
@@ -67,7 +65,7 @@ def continue_by_hand(checkpoint: Path, data_dir: Path, epoch: int, lr: float, mo
 @pytest.mark.parametrize("changes", [{"lr": 0.01}, {"momentum": 0.5}, {"weight_decay": 0.0},
                                      {"lr": 0.02, "momentum": 0.0, "weight_decay": 0.01}], ids=str)
 def test_a_flag_given_again_applies_from_the_checkpoint_on(tmp_path, synthetic_data, changes):
-    run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "1")
+    run_dir = train_in_process(synthetic_data, tmp_path, "run", *CONSTANT_LR, "--epochs", "1")
     shutil.copy(run_dir / "checkpoints" / "last.pt", tmp_path / "epoch1.pt")
     flags = [item for key, value in changes.items() for item in (f"--{key}", str(value))]
     assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", *flags]) == 0
@@ -91,7 +89,7 @@ def test_ctrl_c_then_a_new_batch_size_redoes_the_stopped_epoch_in_the_new_batche
     new batches, from the weights of epoch 1: nothing skipped, no crash."""
     ctrl_c_in_epoch(2)
     run_dir = tmp_path / "stopped"
-    assert train_mnist.main([*FAST, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
+    assert train_mnist.main([*CONSTANT_LR, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
                              str(tmp_path), "--run-name", "stopped"]) == 130
     assert capsys.readouterr().err.endswith(f"Stopped by SIGINT. Resume with: python train_mnist.py --resume "
                                             f"{run_dir}\n")
@@ -124,7 +122,7 @@ def test_a_signal_inside_a_librarys_except_exception_still_stops_the_run(tmp_pat
         raise OSError("not a terminal")  # as on a pipe: tqdm falls back to its default width
 
     monkeypatch.setattr(os, "get_terminal_size", terminal_size)
-    assert train_mnist.main([*FAST, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
+    assert train_mnist.main([*CONSTANT_LR, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
                              str(tmp_path), "--run-name", "stopped"]) == 130
     assert capfd.readouterr().err.endswith("Stopped by SIGINT before a first epoch was saved: there is "
                                             "nothing to resume.\n")
@@ -134,7 +132,7 @@ def test_a_signal_inside_a_librarys_except_exception_still_stops_the_run(tmp_pat
 
 @pytest.fixture
 def finished_run(tmp_path, synthetic_data) -> Path:
-    return train_in_process(synthetic_data, tmp_path, "done", *FAST, "--epochs", "1")
+    return train_in_process(synthetic_data, tmp_path, "done", *CONSTANT_LR, "--epochs", "1")
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -168,7 +166,7 @@ def test_a_bad_stored_flag_is_one_line_naming_the_checkpoint(finished_run, capsy
 
 def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_after(tmp_path, synthetic_data,
                                                                                    capsys):
-    run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "3", "--lr", "0.01",
+    run_dir = train_in_process(synthetic_data, tmp_path, "run", *CONSTANT_LR, "--epochs", "3", "--lr", "0.01",
                                "--num-embeddings", "8")
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     assert len(best["history"]) < 3  # accuracy peaked early on these easy digits
@@ -194,7 +192,7 @@ def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_aft
 
 
 def test_training_a_finished_run_longer_records_what_changed(tmp_path, synthetic_data):
-    run_dir = train_in_process(synthetic_data, tmp_path, "run", *FAST, "--epochs", "1",
+    run_dir = train_in_process(synthetic_data, tmp_path, "run", *CONSTANT_LR, "--epochs", "1",
                                "--num-embeddings", "8")
     assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--lr", "0.02"]) == 0
     projector = (run_dir / "projector_config.pbtxt").read_text()

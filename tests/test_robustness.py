@@ -25,6 +25,7 @@ from conftest import (
     EPOCHS,
     INTERRUPTIBLE,
     STEPS_PER_EPOCH,
+    UNVALIDATED,
     assert_same_weights,
     events_of,
     metrics_of,
@@ -37,9 +38,6 @@ from conftest import (
     write_idx,
     write_mnist,
 )
-
-SMALL = ["--epochs", "2", "--num-embeddings", "0", "--device", "cpu", "--val-size", "0"]
-
 
 # --- Flags -------------------------------------------------------------------------------
 
@@ -84,7 +82,7 @@ def test_the_largest_seed_trains_and_a_larger_one_is_refused(tmp_path, synthetic
     with pytest.raises(SystemExit) as exit_info:
         train_mnist.parse_args(["--seed", str(2**64)])
     assert exit_info.value.code == 2 and "argument --seed" in capsys.readouterr().err
-    assert train_mnist.main([*SMALL, "--epochs", "1", "--seed", str(2**64 - 1), "--data-dir",
+    assert train_mnist.main([*UNVALIDATED, "--epochs", "1", "--seed", str(2**64 - 1), "--data-dir",
                              str(synthetic_data), "--log-dir", str(tmp_path)]) == 0
 
 
@@ -130,7 +128,7 @@ def test_damaged_data_is_one_clear_line(tmp_path, how, capsys):
     blamed = corrupt(raw, how)
     if how == "counts disagree":  # the images file is named first, then the labels file
         blamed = "train-images-idx3-ubyte"
-    code = train_mnist.main([*SMALL, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")])
+    code = train_mnist.main([*UNVALIDATED, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")])
     assert code == 1
     assert one_line_error(capsys) == f"error: {raw / blamed} {DAMAGE[how].format(raw=raw)}"
     assert not (tmp_path / "runs").exists()
@@ -140,7 +138,7 @@ def test_damaged_data_is_one_clear_line(tmp_path, how, capsys):
 def test_damaged_data_in_a_real_process_exits_1_without_traceback(tmp_path):
     data_dir = write_mnist(tmp_path / "data")
     corrupt(data_dir / "MNIST" / "raw", "truncated")
-    result = run_script(*SMALL, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs"))
+    result = run_script(*UNVALIDATED, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and f"train-images-idx3-ubyte {UNREADABLE}" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -154,7 +152,7 @@ def test_verify_data_accepts_the_real_mnist_and_names_a_changed_file(tmp_path, r
     labels = bytearray((raw / "t10k-labels-idx1-ubyte").read_bytes())
     labels[500] = (labels[500] + 1) % 10  # one label changed: headers and lengths still fine
     (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes(labels))
-    code = train_mnist.main([*SMALL, "--verify-data", "--data-dir", str(tmp_path / "copy"),
+    code = train_mnist.main([*UNVALIDATED, "--verify-data", "--data-dir", str(tmp_path / "copy"),
                              "--log-dir", str(tmp_path / "runs")])
     assert code == 1
     changed = hashlib.md5((raw / "t10k-labels-idx1-ubyte").read_bytes()).hexdigest()
@@ -167,7 +165,7 @@ def test_verify_data_accepts_the_real_mnist_and_names_a_changed_file(tmp_path, r
 
 def test_divergence_stops_within_the_epoch_with_advice_and_no_checkpoint(tmp_path, synthetic_data, capsys):
     log_dir = tmp_path / "runs"
-    argv = [*SMALL, "--lr", "1e6", "--batch-size", "4", "--data-dir", str(synthetic_data), "--log-dir",
+    argv = [*UNVALIDATED, "--lr", "1e6", "--batch-size", "4", "--data-dir", str(synthetic_data), "--log-dir",
             str(log_dir), "--run-name", "boom"]
     assert train_mnist.main(argv) == 1
     message = one_line_error(capsys)
@@ -215,7 +213,7 @@ def test_best_checkpoint_is_never_saved_with_non_finite_weights(
         return result
 
     monkeypatch.setattr(train_mnist, "train", poisoned_epoch)
-    code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
+    code = train_mnist.main([*UNVALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
                              "--run-name", "nan"])
     assert code == 1 and "diverged in epoch 1" in one_line_error(capsys)
     assert not (tmp_path / "nan" / "checkpoints").exists()
@@ -227,7 +225,7 @@ def test_best_checkpoint_is_never_saved_with_non_finite_weights(
 @pytest.mark.parametrize(("signum", "delay"), [(signal.SIGINT, 0.3), (signal.SIGTERM, 0.5),
                                                (signal.SIGINT, 0.7)])
 def test_a_signal_while_the_libraries_load_is_one_line(tmp_path, synthetic_data, signum, delay):
-    process = start_script(*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path))
+    process = start_script(*UNVALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path))
     # Within the imports (torch alone takes longer), once Python runs the script's first lines:
     # before those, nothing of the script exists to catch a signal.
     time.sleep(delay)
@@ -269,7 +267,7 @@ def test_unusable_log_dir_is_reported_before_training(tmp_path, synthetic_data, 
     for log_dir, fix in ((blocker, "a file stands where a folder should be; pick another --log-dir"),
                          (blocker / "runs", "a file stands where a folder should be; pick another --log-dir"),
                          (too_long, "the path is too long for the filesystem; pick a shorter --log-dir")):
-        code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(log_dir)])
+        code = train_mnist.main([*UNVALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(log_dir)])
         assert code == 1
         message = one_line_error(capsys)
         assert message.startswith(f"error: cannot create a run folder in {log_dir}: ")
@@ -284,7 +282,7 @@ def test_unwritable_run_folder_is_reported_before_training(tmp_path, synthetic_d
         return open(path, *args, **kwargs)
 
     monkeypatch.setattr(train_mnist, "open", read_only, raising=False)
-    code = train_mnist.main([*SMALL, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
+    code = train_mnist.main([*UNVALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path),
                              "--run-name", "ro"])
     assert code == 1
     message = one_line_error(capsys)
@@ -452,7 +450,7 @@ def test_a_taken_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
 
 def test_run_name_of_an_existing_run_is_refused_unless_resumed(tmp_path, synthetic_data, capsys):
     log_dir = tmp_path / "runs"
-    argv = [*SMALL, "--epochs", "1", "--data-dir", str(synthetic_data), "--log-dir", str(log_dir),
+    argv = [*UNVALIDATED, "--epochs", "1", "--data-dir", str(synthetic_data), "--log-dir", str(log_dir),
             "--run-name", "taken"]
     assert train_mnist.main(argv) == 0
     capsys.readouterr()
