@@ -124,6 +124,22 @@ def find_real_mnist() -> Path | None:
     return None
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker trains on its share of the cores, and so do the processes
+    its tests start: with a thread per core in every worker, they would slow each other down."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """-n auto: xdist's worker per core (None), or one process without the real MNIST, where
+    pytest_collection_modifyitems can stop the whole run with its one line."""
+    return 0 if find_real_mnist() is None else None
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
                                   items: list[pytest.Item]) -> None:
     """Stop at once, with one line, when tests that need the real MNIST are chosen and it is nowhere."""
