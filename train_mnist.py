@@ -1022,9 +1022,10 @@ def stopped_row(stopped: "Stopped") -> dict:
 def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device: torch.device,
                      jobs: int) -> None:
     """--jobs N: N points at once, each in a worker process with its share of the CPU cores (one
-    GPU each, in turn, with several). On the CPU the workers are forks of this process, which
-    has torch loaded already; CUDA does not survive a fork, so there they start anew."""
-    fork = device.type == "cpu" and "fork" in multiprocessing.get_all_start_methods()
+    GPU each, in turn, with several). On Linux's CPU the workers are forks of this process, which
+    has torch loaded already. Elsewhere they start anew: CUDA does not survive a fork, Windows
+    has none, and macOS's system libraries make it unsafe (Python's default there is spawn)."""
+    fork = device.type == "cpu" and sys.platform == "linux"
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo once here, for every fork
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
