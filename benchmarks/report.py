@@ -70,11 +70,14 @@ def default_run(script: Path, data_dir: Path, log_dir: Path) -> dict:
     seconds = seconds_of(command, cwd=script.parent)
     (run_dir,) = [path for path in log_dir.iterdir() if path.is_dir()]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    # The curve that chose the best epoch: "accuracy" in the run's validation sub-run; older
+    # checkouts wrote "validation accuracy" (or, without a validation split, "test accuracy") in the run.
+    sub_run = run_dir / "validation"
+    events = EventAccumulator(str(sub_run if sub_run.is_dir() else run_dir), size_guidance={"scalars": 0})
     events.Reload()
-    # The curve that chose the best epoch: older checkouts, with no validation split, scored the test set.
     tags = events.Tags()["scalars"]
-    curve = events.Scalars("validation accuracy" if "validation accuracy" in tags else "test accuracy")
+    curve = events.Scalars(next(tag for tag in ("accuracy", "validation accuracy", "test accuracy")
+                                if tag in tags))
     reached = next((point for point in curve if point.value >= 0.99), None)
     return {"seconds": seconds, "metrics": metrics,
             "to_99": None if reached is None else reached.wall_time - started}
