@@ -70,17 +70,21 @@ def default_run(script: Path, data_dir: Path, log_dir: Path) -> dict:
     seconds = seconds_of(command, cwd=script.parent)
     (run_dir,) = [path for path in log_dir.iterdir() if path.is_dir()]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # The curve that chose the best epoch: "accuracy" in the run's validation sub-run; older
-    # checkouts wrote "validation accuracy" (or, without a validation split, "test accuracy") in the run.
+    reached = next((point for point in accuracy_curve(run_dir) if point.value >= 0.99), None)
+    return {"seconds": seconds, "metrics": metrics,
+            "to_99": None if reached is None else reached.wall_time - started}
+
+
+def accuracy_curve(run_dir: Path) -> list:
+    """The points of the curve that chose the best epoch, with their wall times: "accuracy" in the
+    run's validation sub-run; older checkouts wrote "validation accuracy" (or, without a
+    validation split, "test accuracy") in the run itself."""
     sub_run = run_dir / "validation"
     events = EventAccumulator(str(sub_run if sub_run.is_dir() else run_dir), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
-    curve = events.Scalars(next(tag for tag in ("accuracy", "validation accuracy", "test accuracy")
-                                if tag in tags))
-    reached = next((point for point in curve if point.value >= 0.99), None)
-    return {"seconds": seconds, "metrics": metrics,
-            "to_99": None if reached is None else reached.wall_time - started}
+    (tag, *_) = [tag for tag in ("accuracy", "validation accuracy", "test accuracy") if tag in tags]
+    return events.Scalars(tag)
 
 
 def default_runs(data_dir: Path, baseline_dir: Path | None, work: Path, repeats: int) -> None:
