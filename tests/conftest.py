@@ -39,14 +39,17 @@ INTERRUPTIBLE = ["--epochs", str(EPOCHS), "--batch-size", "8", "--lr", "0.01", "
                  "--device", "cpu", "--val-size", "0"]
 
 # --- No test downloads -------------------------------------------------------------------
-# Every process the tests start loads network_guard/sitecustomize.py, and this one installs it
-# too: a download from another machine fails as it would offline, and is logged here.
+# Every process the tests start installs network_guard/download_guard.py (its sitecustomize.py
+# does), and so does this one: a download from another machine fails as it would offline, and
+# is logged here.
 GUARD = REPO / "tests" / "network_guard"
 os.environ["PYTHONPATH"] = os.pathsep.join([str(GUARD), *filter(None, [os.environ.get("PYTHONPATH")])])
 DOWNLOAD_LOG = Path(tempfile.mkdtemp(prefix="downloads-")) / "attempts.log"
 os.environ["TEST_DOWNLOAD_LOG"] = str(DOWNLOAD_LOG)
 sys.path.insert(0, str(GUARD))
-from sitecustomize import guarded_urlopen  # noqa: E402
+from download_guard import guarded_urlopen, install  # noqa: E402
+
+install()
 
 
 @pytest.fixture(autouse=True)
