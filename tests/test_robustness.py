@@ -148,7 +148,8 @@ def test_verify_data_accepts_the_real_mnist_and_names_a_changed_file(tmp_path, r
     for train in (True, False):  # raises if a checksum is wrong
         train_mnist.load_split(real_data_dir, train, torch.device("cpu"), verify=True)
     raw = tmp_path / "copy" / "MNIST" / "raw"
-    shutil.copytree(real_data_dir / "MNIST" / "raw", raw)
+    # copyfile: the copies are writable (they are the user's), even where the real files are read-only
+    shutil.copytree(real_data_dir / "MNIST" / "raw", raw, copy_function=shutil.copyfile)
     labels = bytearray((raw / "t10k-labels-idx1-ubyte").read_bytes())
     labels[500] = (labels[500] + 1) % 10  # one label changed: headers and lengths still fine
     (raw / "t10k-labels-idx1-ubyte").write_bytes(bytes(labels))
