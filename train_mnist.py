@@ -1039,10 +1039,11 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
                 rows[index] |= future.result()
                 report(f"=== Sweep run {index + 1}/{len(points)}: {rows[index]['status']}")
         except Stopped as stopped:  # passed on: the workers' runs stop, and no other starts
-            # Windows gives Ctrl-C to every process of the console already; there os.kill would
-            # end a worker at once, before it returns its row.
-            for worker in multiprocessing.active_children() if sys.platform != "win32" else ():
-                os.kill(worker.pid, stopped.signum)
+            # Windows gives Ctrl-C to every process of the console already, and its os.kill would
+            # end a worker at once, before the worker returns its row.
+            if sys.platform != "win32":
+                for worker in multiprocessing.active_children():
+                    os.kill(worker.pid, stopped.signum)
             for future, index in futures.items():
                 rows[index] |= future.result()
             raise
