@@ -137,10 +137,12 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
-    """-n auto: xdist's worker per core (None), or one process without the real MNIST, where
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """-n auto: a worker per core, but at most 4: one file (test_robustness.py) takes over a
+    quarter of the suite, so more workers would only wait for it, each holding torch in memory
+    (over 500 MB). Without the real MNIST, no worker: one process, where
     pytest_collection_modifyitems can stop the whole run with its one line."""
-    return 0 if find_real_mnist() is None else None
+    return 0 if find_real_mnist() is None else min(4, os.cpu_count() or 1)
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config,
