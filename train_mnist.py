@@ -441,20 +441,25 @@ class UserError(Exception):
     """Something the user can fix: main() prints it as one line and exits with code 1."""
 
 
+def raw_folder(data_dir: Path) -> Path:
+    """Where torchvision's MNIST keeps the four files under --data-dir."""
+    return data_dir / "MNIST" / "raw"
+
+
 def split_files(data_dir: Path, train: bool) -> tuple[Path, Path]:
     """The images file and the labels file of the training or the test split."""
     names = MNIST_FILES[:2] if train else MNIST_FILES[2:]
-    return data_dir / "MNIST" / "raw" / names[0], data_dir / "MNIST" / "raw" / names[1]
+    return raw_folder(data_dir) / names[0], raw_folder(data_dir) / names[1]
 
 
 def missing_files(data_dir: Path) -> list[str]:
-    return [name for name in MNIST_FILES if not (data_dir / "MNIST" / "raw" / name).exists()]
+    return [name for name in MNIST_FILES if not (raw_folder(data_dir) / name).exists()]
 
 
 def download_needed(data_dir: Path) -> bool:
     missing = missing_files(data_dir)
     if missing and MAIN_PROCESS:
-        print(f"Downloading MNIST into {data_dir / 'MNIST' / 'raw'}", file=sys.stderr)
+        print(f"Downloading MNIST into {raw_folder(data_dir)}", file=sys.stderr)
     return bool(missing)
 
 
@@ -462,7 +467,7 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
     """What went wrong with the MNIST files, in one line: which are missing, or which is damaged."""
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
-    raw_dir, missing = data_dir / "MNIST" / "raw", missing_files(data_dir)
+    raw_dir, missing = raw_folder(data_dir), missing_files(data_dir)
     if missing:
         return UserError(f"{', '.join(missing)} missing from {raw_dir}, and the download failed. Put the "
                          f"file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir at the "
