@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluate(checkpoint, args, device)
         elif args.predict:
             return predict(args.predict, checkpoint, device, args.save_inputs)
-        elif any(len(as_list(getattr(args, key))) > 1 for key in SWEEP_FLAGS):
+        elif is_sweep(args):
             sweep(args, device)
         else:
             run(single_values(args), device, checkpoint)
@@ -409,7 +409,7 @@ def refuse_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--nesterov needs a --momentum above 0 (or give --no-nesterov)")
     if not args.resume:
         return
-    if any(len(as_list(getattr(args, key))) > 1 for key in SWEEP_FLAGS):
+    if is_sweep(args):
         parser.error("--resume continues one run: give single values for " + ", ".join(SWEEP_FLAGS))
     for key, why in (("val_size", "it chose the training images"), ("seed", "it chose the initial weights")):
         if getattr(args, key) != checkpoint["config"].get(key, getattr(args, key)):
@@ -421,6 +421,11 @@ def refuse_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def as_list(value: object) -> list:
     return value if isinstance(value, list) else [value]
+
+
+def is_sweep(args: argparse.Namespace) -> bool:
+    """Several values of a SWEEP_FLAGS flag make a grid of runs."""
+    return any(len(as_list(getattr(args, key))) > 1 for key in SWEEP_FLAGS)
 
 
 def single_values(args: argparse.Namespace) -> argparse.Namespace:
