@@ -228,9 +228,10 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
         time.sleep(0.01)
 
 
-def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds: float = 120) -> None:
-    """Wait until the run's last.pt has finished `epoch`, while `process` still runs. The file is
-    read only when it has changed: reading it in a tight loop would slow the run down."""
+def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds: float = 120) -> list[dict]:
+    """Wait until the run's last.pt has finished `epoch`, while `process` still runs; returns that
+    last.pt's history. The file is read only when it has changed: reading it in a tight loop would
+    slow the run down."""
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.monotonic() + seconds
     seen = None
@@ -238,8 +239,9 @@ def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds
         stamp = last.stat().st_mtime_ns if last.exists() else None
         if stamp != seen:  # written anew (atomically: always whole)
             seen = stamp
-            if len(torch.load(last, weights_only=True)["history"]) >= epoch:
-                return
+            history = torch.load(last, weights_only=True)["history"]
+            if len(history) >= epoch:
+                return history
         assert process.poll() is None, f"the process ended ({process.returncode}) before epoch {epoch}"
         assert time.monotonic() < deadline, f"epoch {epoch} did not end within {seconds} s"
         time.sleep(0.01)

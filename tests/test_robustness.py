@@ -510,9 +510,8 @@ def test_soak_concurrent_interrupted_and_resumed_runs(tmp_path, interruptible_da
     run_dirs = [Path(process.stdout.readline().rsplit("logging to ", 1)[1].strip()) for process in processes]
     stopped = rng.sample(range(3), rng.randint(1, 3))
     for index in stopped:
-        wait_for_epoch(run_dirs[index], 1, processes[index])
+        history = wait_for_epoch(run_dirs[index], 1, processes[index])
         # Up to half an epoch later, as long as the first took: mid-run on a fast machine as on a slow one.
-        history = torch.load(run_dirs[index] / "checkpoints" / "last.pt", weights_only=True)["history"]
         time.sleep(rng.uniform(0.0, 0.5) * history[0]["seconds"])
         processes[index].send_signal(rng.choice([signal.SIGINT, signal.SIGTERM]))
     for index, (process, run_dir) in enumerate(zip(processes, run_dirs)):
