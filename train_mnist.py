@@ -110,19 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
-    """The flags, and the checkpoint that --resume, --evaluate or --predict names (None without
-    them): a resumed or evaluated run's stored flags are the defaults of those not given again."""
-    parser, argv = build_parser(), with_dashes(sys.argv[1:] if argv is None else argv)
-    args = parse_or_exit(parser, argv)
-    checkpoint = named_checkpoint(parser, args)
-    if checkpoint and not args.predict:
-        parser.set_defaults(**stored_flags(parser, checkpoint))
-        args = parse_or_exit(parser, argv)
-    refuse_combinations(parser, args, checkpoint)
-    return args, checkpoint
-
-
 class Split(NamedTuple):
     raw: torch.Tensor  # uint8 digits (N, 28, 28) on the host, for pictures
     images: torch.Tensor  # normalized float (N, 1, 28, 28) on the device
@@ -308,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 # Supporting machinery
 # ========================================================================================
 
-# --- Flags: checked numbers, either spelling, argparse's own help format ----------------
+# --- Flags: checked numbers, either spelling, argparse's help, a resumed run's flags ----
 
 EXAMPLES = """examples:
   python train_mnist.py --epochs=5 --lr=1e-3 --batch_size=64    the course's command: about 97.8%
@@ -378,6 +365,19 @@ def with_dashes(argv: list[str]) -> list[str]:
         flag, equals, value = arg.partition("=")
         spelled.append(flag.replace("_", "-") + equals + value if arg.startswith("--") else arg)
     return spelled
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
+    """The flags, and the checkpoint that --resume, --evaluate or --predict names (None without
+    them): a resumed or evaluated run's stored flags are the defaults of those not given again."""
+    parser, argv = build_parser(), with_dashes(sys.argv[1:] if argv is None else argv)
+    args = parse_or_exit(parser, argv)
+    checkpoint = named_checkpoint(parser, args)
+    if checkpoint and not args.predict:
+        parser.set_defaults(**stored_flags(parser, checkpoint))
+        args = parse_or_exit(parser, argv)
+    refuse_combinations(parser, args, checkpoint)
+    return args, checkpoint
 
 
 def parse_or_exit(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
