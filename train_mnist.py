@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--verify-data", action=argparse.BooleanOptionalAction, default=False, help="check the files' MD5s")
     add = parser.add_argument_group("logging").add_argument
     add("--log-dir", type=path_flag, default=Path("runs"), metavar="DIR", help="TensorBoard's folder")
-    add("--run-name", type=folder_name, metavar="NAME", help="this run's folder (default: flags and time)")
+    add("--run-name", type=folder_name, metavar="NAME", help="this run's folder (None: its flags and time)")
     add("--num-embeddings", type=bounded(int, 0), default=256, metavar="N", help="digits in the projector")
     add = parser.add_argument_group("experiments").add_argument
     add("--resume", type=path_flag, metavar="PATH", help="continue a run (its folder, or a checkpoint in it)")
