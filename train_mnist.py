@@ -554,6 +554,62 @@ def set_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+# --- Signals: Ctrl-C and SIGTERM stop at once; the epochs done are saved already -----------
+
+SIGNALS: list[int] = []  # the signals this process has received
+HOLDING: list[bool] = []  # not empty while signals_held() holds signals back
+
+
+class Stopped(KeyboardInterrupt):
+    """Stopped by SIGINT or SIGTERM; `run_dir` is the run it stopped, if it had a folder. Not an
+    Exception, like KeyboardInterrupt: a library's `except Exception` (tqdm has some) must not
+    swallow it when the signal lands inside one."""
+
+    def __init__(self, signum: int, run_dir: Path | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.run_dir = signum, run_dir
+
+    def resumable(self) -> bool:
+        return bool(self.run_dir and (self.run_dir / "checkpoints" / "last.pt").exists())
+
+    def message(self) -> str:
+        if self.resumable():
+            return f"Stopped by {self}. Resume with: python train_mnist.py --resume {self.run_dir}"
+        if self.run_dir:
+            return f"Stopped by {self} before a first epoch was saved: there is nothing to resume."
+        return f"Stopped by {self}."
+
+
+def stop_now(signum: int, _frame: object) -> None:
+    """Stop at once: the last epoch's checkpoint is whole (written atomically), and --resume
+    redoes the epoch under way. More signals change nothing: the program is on its way out."""
+    SIGNALS.append(signum)
+    stop_at_signals(signal.SIG_IGN)
+    if not HOLDING:
+        raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """A signal that comes within the block stops the program at its end. TensorBoard's writers
+    take locks as they write: stopped in the middle, a writer keeps its lock and hangs on close."""
+    received = len(SIGNALS)
+    HOLDING.append(True)
+    try:
+        yield
+    finally:
+        HOLDING.pop()
+    if len(SIGNALS) > received:
+        raise Stopped(SIGNALS[-1])
+
+
+def stop_at_signals(handler: object) -> object:
+    """Handle SIGINT and SIGTERM with `handler`; returns the one SIGINT had."""
+    previous = signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return previous
+
+
 # --- TensorBoard: what the network does, beyond the curves ------------------------------
 
 PICTURES = "visualizations/"  # TensorBoard sorts tags by name: the pictures come after the curves
@@ -563,6 +619,7 @@ HPARAMS = (*SWEEP_FLAGS, "weight_decay", "warmup", "lr_decay", "nesterov", "labe
            "deterministic", "val_size", "patience")
 
 
+@signals_held()
 def log_start(writer: SummaryWriter, net: MNISTNet, train_set: Split, config: dict) -> None:
     """As a run starts: a grid of 64 training digits, the network's graph traced on them, and the
     run's HPARAMS row, written into its own folder (add_hparams would make a sub-run of it). The
@@ -579,6 +636,7 @@ def log_start(writer: SummaryWriter, net: MNISTNet, train_set: Split, config: di
     writer.file_writer.add_summary(hp.hparams_pb(values, trial_id=Path(writer.log_dir).name))
 
 
+@signals_held()
 def log_epoch(writer: SummaryWriter, curves: dict[str, SummaryWriter], net: MNISTNet, record: dict,
               evaluation: Evaluation, step_losses: list[float], step_lrs: list[float], monitor: str) -> None:
     """Every epoch: the curves (the epoch's points at the step where it ends), the weight and
@@ -612,11 +670,27 @@ def log_epoch(writer: SummaryWriter, curves: dict[str, SummaryWriter], net: MNIS
 
 def log_results(writer: SummaryWriter, tested: MNISTNet, state: dict, evaluation: Evaluation,
                 train_set: Split, test_set: Split) -> dict:
-    """After training: the test set's score and figures, the learned features, then metrics.json
-    (last: only a finished run has one). Returns the final metrics."""
+    """After training: the test set's score and figures, then metrics.json (last: only a finished
+    run has one) and the summary on the console. Returns the final metrics."""
     config, history = state["config"], state["history"]
+    log_test(writer, tested, evaluation, train_set, test_set, config, history)
+    metrics = final_metrics(history, evaluation, len(train_set.labels))
+    write_json(Path(config["run_dir"]) / "metrics.json", metrics)
+    print(f"Test accuracy: {evaluation.accuracy:.4f}" + (
+        f" (the weights of epoch {metrics['best_epoch']}, chosen by validation accuracy "
+        f"{metrics['best_validation_accuracy']:.4f})" if config["val_size"] else
+        " (--val-size 0: every epoch was scored on this test set, so this figure is optimistic)"))
+    print(f"Run directory: {config['run_dir']}")
+    return metrics | {"run_dir": config["run_dir"]}
+
+
+@signals_held()
+def log_test(writer: SummaryWriter, tested: MNISTNet, evaluation: Evaluation, train_set: Split,
+             test_set: Split, config: dict, history: list[dict]) -> None:
+    """The test set's one score, its confusion matrix, misclassified digits and PR curves, and
+    the learned features of training and test digits in the projector."""
     step, predictions = history[-1]["step"], evaluation.logits.argmax(dim=1)
-    writer.add_scalar("test/accuracy", evaluation.accuracy, step)  # the test set's one score
+    writer.add_scalar("test/accuracy", evaluation.accuracy, step)
     writer.add_scalar("test/loss", evaluation.loss, step)
     writer.add_image(f"{PICTURES}confusion matrix", confusion_image(evaluation.labels, predictions), step,
                      dataformats="HWC")
@@ -630,14 +704,6 @@ def log_results(writer: SummaryWriter, tested: MNISTNet, state: dict, evaluation
             writer.add_embedding(**embedding(tested, split, config["num_embeddings"], config["seed"], shown),
                                  tag=tag, global_step=len(history))
     writer.flush()
-    metrics = final_metrics(history, evaluation, len(train_set.labels))
-    write_json(Path(config["run_dir"]) / "metrics.json", metrics)
-    print(f"Test accuracy: {evaluation.accuracy:.4f}" + (
-        f" (the weights of epoch {metrics['best_epoch']}, chosen by validation accuracy "
-        f"{metrics['best_validation_accuracy']:.4f})" if config["val_size"] else
-        " (--val-size 0: every epoch was scored on this test set, so this figure is optimistic)"))
-    print(f"Run directory: {config['run_dir']}")
-    return metrics | {"run_dir": config["run_dir"]}
 
 
 # The two final figures are drawn with Pillow at the size TensorBoard shows them: 0.02 s for
@@ -1088,46 +1154,6 @@ def write_sweep_table(rows: list[dict], path: Path) -> None:
                      for key, value in row.items()} for row in rows)
     atomic_write(path, text.getvalue().encode())
     print(f"\nSweep results, best first (saved to {path}):\n{text.getvalue()}")
-
-
-# --- Signals: Ctrl-C and SIGTERM stop at once; the epochs done are saved already -----------
-
-SIGNALS: list[int] = []  # the signals this process has received
-
-
-class Stopped(KeyboardInterrupt):
-    """Stopped by SIGINT or SIGTERM; `run_dir` is the run it stopped, if it had a folder. Not an
-    Exception, like KeyboardInterrupt: a library's `except Exception` (tqdm has some) must not
-    swallow it when the signal lands inside one."""
-
-    def __init__(self, signum: int, run_dir: Path | None = None) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum, self.run_dir = signum, run_dir
-
-    def resumable(self) -> bool:
-        return bool(self.run_dir and (self.run_dir / "checkpoints" / "last.pt").exists())
-
-    def message(self) -> str:
-        if self.resumable():
-            return f"Stopped by {self}. Resume with: python train_mnist.py --resume {self.run_dir}"
-        if self.run_dir:
-            return f"Stopped by {self} before a first epoch was saved: there is nothing to resume."
-        return f"Stopped by {self}."
-
-
-def stop_now(signum: int, _frame: object) -> None:
-    """Stop at once: the last epoch's checkpoint is whole (written atomically), and --resume
-    redoes the epoch under way. More signals change nothing: the program is on its way out."""
-    SIGNALS.append(signum)
-    stop_at_signals(signal.SIG_IGN)
-    raise Stopped(signum)
-
-
-def stop_at_signals(handler: object) -> object:
-    """Handle SIGINT and SIGTERM with `handler`; returns the one SIGINT had."""
-    previous = signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return previous
 
 
 # --- torchrun: one process per GPU (or CPU share), gradients averaged by DDP --------------

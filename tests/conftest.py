@@ -336,10 +336,20 @@ def uninterrupted_run(interruptible_data: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture
-def ctrl_c_in_epoch(monkeypatch):
-    """ctrl_c_in_epoch(n): a real SIGINT reaches this process as the n-th epoch trained in it
-    (counting over runs) begins, as if Ctrl-C had been pressed then. The handlers are restored after."""
+def restored_signals():
+    """For a test that sends this process a signal: the handlers, and the signals main() keeps
+    count of, as they were before it."""
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    train_mnist.SIGNALS.clear()
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def ctrl_c_in_epoch(monkeypatch, restored_signals):
+    """ctrl_c_in_epoch(n): a real SIGINT reaches this process as the n-th epoch trained in it
+    (counting over runs) begins, as if Ctrl-C had been pressed then."""
     real_train = train_mnist.train
 
     def ctrl_c_in(epoch: int) -> None:
@@ -352,7 +362,4 @@ def ctrl_c_in_epoch(monkeypatch):
 
         monkeypatch.setattr(train_mnist, "train", train)
 
-    yield ctrl_c_in
-    train_mnist.SIGNALS.clear()
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
+    return ctrl_c_in

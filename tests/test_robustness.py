@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 import train_mnist
 from conftest import (
     EPOCHS,
     INTERRUPTIBLE,
+    QUICK_VALIDATED,
     STEPS_PER_EPOCH,
     UNVALIDATED,
     assert_same_weights,
@@ -271,6 +273,31 @@ def test_a_signal_after_the_last_epoch_stops_at_once_and_resume_finishes(tmp_pat
     assert train_mnist.main(["--resume", str(run_dir)]) == 0  # trains nothing more: tests, logs, finishes
     assert metrics_of(run_dir)["epochs"] == 1
     assert len(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]) == 1
+
+
+def test_a_signal_inside_a_tensorboard_writer_waits_for_the_logging_then_stops(
+        tmp_path, synthetic_data, monkeypatch, restored_signals, capsys):
+    """TensorBoard's writers take locks as they write. A run stopped inside one could leave a lock
+    taken, and hang as the writer closed. A signal there waits until the logging is done."""
+    real_add_pr_curve, curves = SummaryWriter.add_pr_curve, []
+
+    def add_pr_curve(writer, tag, *args, **kwargs):
+        if not curves:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, inside the writer's first PR curve
+        curves.append(tag)
+        return real_add_pr_curve(writer, tag, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_pr_curve", add_pr_curve)
+    run_dir = tmp_path / "runs" / "run"
+    argv = [*QUICK_VALIDATED, "--epochs", "1", "--num-embeddings", "16", "--data-dir", str(synthetic_data),
+            "--log-dir", str(tmp_path / "runs"), "--run-name", "run"]
+    assert train_mnist.main(argv) == 130
+    assert len(curves) == 10 and (run_dir / "projector_config.pbtxt").exists()  # and the projector after them
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"Stopped by SIGINT. Resume with: python train_mnist.py --resume {run_dir}")
+    assert not (run_dir / "metrics.json").exists()  # stopped before it finished
+    assert train_mnist.main(["--resume", str(run_dir)]) == 0
+    assert metrics_of(run_dir)["epochs"] == 1
 
 
 # --- Disk --------------------------------------------------------------------------------
