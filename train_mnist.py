@@ -1007,7 +1007,8 @@ def final_metrics(history: list[dict], evaluation: Evaluation, train_count: int)
 
 def atomic_write(path: Path, content: bytes, flag: str = "--log-dir") -> None:
     """Write a file that no reader and no crash sees half-written: a temporary file, flushed to
-    disk, then renamed over the old one. A failure is one UserError, and the old file stays."""
+    disk, then renamed over the old one. A failure is one UserError; after it, or a signal, the
+    old file stays and the temporary one is gone."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1017,9 +1018,11 @@ def atomic_write(path: Path, content: bytes, flag: str = "--log-dir") -> None:
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {error.strerror}; the previous file, if any, is kept. "
                         f"{how_to_fix(error, flag).capitalize()}") from None
+    finally:
+        with contextlib.suppress(OSError):  # renamed already, or never made, unless something failed
+            temporary.unlink()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -172,3 +172,15 @@ def test_predict_needs_a_checkpoint_and_writes_nothing(checkpoint, test_digits, 
     assert sorted(tmp_path.iterdir()) == [image]
     assert train_mnist.main(["--predict", str(image), "--checkpoint", str(tmp_path / "none.pt")]) == 1
     assert "no checkpoint at" in one_line_error(capsys)
+
+
+def test_save_inputs_where_a_file_stands_is_one_line(checkpoint, test_digits, tmp_path, capsys):
+    image, taken = tmp_path / "digit.png", tmp_path / "taken"
+    Image.fromarray(test_digits.raw[3].numpy()).save(image)
+    taken.write_text("a file, not a folder")
+    argv = ["--predict", str(image), "--checkpoint", str(checkpoint), "--save-inputs", str(taken)]
+    assert train_mnist.main(argv) == 1
+    assert one_line_error(capsys) == (f"error: cannot write {taken}/digit.png: File exists; the previous "
+                                      "file, if any, is kept. A file stands where a folder should be; pick "
+                                      "another --save-inputs")
+    assert sorted(tmp_path.iterdir()) == [image, taken] and taken.read_text() == "a file, not a folder"

@@ -300,6 +300,27 @@ def test_a_signal_inside_a_tensorboard_writer_waits_for_the_logging_then_stops(
     assert metrics_of(run_dir)["epochs"] == 1
 
 
+def test_a_signal_while_a_checkpoint_is_written_keeps_the_last_one_and_leaves_no_temporary_file(
+        tmp_path, synthetic_data, monkeypatch, restored_signals):
+    real_replace = os.replace
+
+    def ctrl_c_then_replace(source, target):
+        if Path(target).name == "last.pt" and (Path(target).parent / "last.pt").exists():
+            os.kill(os.getpid(), signal.SIGINT)  # as epoch 2's checkpoint is about to take its place
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", ctrl_c_then_replace)
+    run_dir = tmp_path / "runs" / "run"
+    argv = [*QUICK_VALIDATED, "--epochs", "2", "--data-dir", str(synthetic_data), "--log-dir",
+            str(tmp_path / "runs"), "--run-name", "run"]
+    assert train_mnist.main(argv) == 130
+    monkeypatch.undo()
+    assert not list(run_dir.rglob("*.tmp"))
+    assert len(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]) == 1
+    assert train_mnist.main(["--resume", str(run_dir)]) == 0
+    assert metrics_of(run_dir)["epochs"] == 2
+
+
 # --- Disk --------------------------------------------------------------------------------
 
 def test_unusable_log_dir_is_reported_before_training(tmp_path, synthetic_data, capsys):
