@@ -1215,10 +1215,13 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
     failed = 0
     images = []
     for path in paths:  # a folder means the images in it
-        if path.is_dir():
-            images += sorted(file for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES)
-        else:
+        if not path.is_dir():
             images.append(path)
+        elif found := sorted(file for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES):
+            images += found
+        else:
+            report(f"error: {path}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            failed += 1
     for path in images:
         try:
             digit = mnist_digit(read_grey(path), path)

@@ -184,3 +184,16 @@ def test_save_inputs_where_a_file_stands_is_one_line(checkpoint, test_digits, tm
                                       "file, if any, is kept. A file stands where a folder should be; pick "
                                       "another --save-inputs")
     assert sorted(tmp_path.iterdir()) == [image, taken] and taken.read_text() == "a file, not a folder"
+
+
+def test_a_folder_without_images_is_one_line_and_the_others_are_still_read(checkpoint, test_digits, tmp_path,
+                                                                          capsys):
+    empty, image = tmp_path / "empty", tmp_path / "digit.png"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image, and not named as one")
+    Image.fromarray(test_digits.raw[4].numpy()).save(image)
+    code, predicted, errors = predictions(capsys, "--predict", str(empty), str(image), "--checkpoint",
+                                          str(checkpoint))
+    assert code == 1 and predicted == {str(image): int(test_digits.labels[4])}
+    assert errors == [f"error: {empty}: no images in this folder (.bmp, .gif, .jpeg, .jpg, .png, .tif, "
+                      ".tiff, .webp)"]
