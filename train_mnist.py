@@ -557,7 +557,6 @@ def set_determinism(deterministic: bool) -> None:
 # --- Signals: Ctrl-C and SIGTERM stop at once; the epochs done are saved already -----------
 
 SIGNALS: list[int] = []  # the signals this process has received
-HOLDING: list[bool] = []  # not empty while signals_held() holds signals back
 
 
 class Stopped(KeyboardInterrupt):
@@ -585,21 +584,25 @@ def stop_now(signum: int, _frame: object) -> None:
     redoes the epoch under way. More signals change nothing: the program is on its way out."""
     SIGNALS.append(signum)
     stop_at_signals(signal.SIG_IGN)
-    if not HOLDING:
-        raise Stopped(signum)
+    raise Stopped(signum)
+
+
+def remember(signum: int, _frame: object) -> None:
+    """A signal that waits: the code that installed this handler looks at SIGNALS when it can."""
+    SIGNALS.append(signum)
 
 
 @contextlib.contextmanager
 def signals_held():
     """A signal that comes within the block stops the program at its end. TensorBoard's writers
     take locks as they write: stopped in the middle, a writer keeps its lock and hangs on close."""
-    received = len(SIGNALS)
-    HOLDING.append(True)
+    received, handler = len(SIGNALS), stop_at_signals(remember)
     try:
         yield
     finally:
-        HOLDING.pop()
-    if len(SIGNALS) > received:
+        came = len(SIGNALS) > received
+        stop_at_signals(signal.SIG_IGN if came else handler)  # once stopping, more signals change nothing
+    if came:
         raise Stopped(SIGNALS[-1])
 
 
@@ -1021,7 +1024,7 @@ def atomic_write(path: Path, content: bytes, flag: str = "--log-dir") -> None:
         raise UserError(f"cannot write {path}: {error.strerror}; the previous file, if any, is kept. "
                         f"{how_to_fix(error, flag).capitalize()}") from None
     finally:
-        with contextlib.suppress(OSError):  # renamed already, or never made, unless something failed
+        with contextlib.suppress(OSError):  # gone once renamed; still there only if something failed
             temporary.unlink()
 
 
@@ -1133,7 +1136,7 @@ def start_worker(threads: int) -> None:
     quiet = os.open(os.devnull, os.O_WRONLY)  # the sweep reports each point in one line
     os.dup2(quiet, sys.stdout.fileno())
     os.dup2(quiet, sys.stderr.fileno())
-    stop_at_signals(lambda signum, _frame: SIGNALS.append(signum))  # between two points: start no more
+    stop_at_signals(remember)  # a signal between two points: start no more
 
 
 def run_in_worker(point: argparse.Namespace, device: torch.device) -> dict:
