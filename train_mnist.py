@@ -473,10 +473,11 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
     raw_dir, missing = raw_folder(data_dir), missing_files(data_dir)
-    if missing:
-        return UserError(f"{', '.join(missing)} missing from {raw_dir}, and the download failed. Put the "
-                         f"file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir at the "
-                         "folder that holds MNIST/raw/")
+    if missing:  # torchvision's message ends with what its last mirror answered
+        answer = (str(error).strip().splitlines() or ["no answer"])[-1].strip("<>")
+        return UserError(f"{', '.join(missing)} missing from {raw_dir}, and the download failed ({answer}). "
+                         f"Put the file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir "
+                         "at the folder that holds MNIST/raw/")
     for path, read in zip(split_files(data_dir, train), (read_image_file, read_label_file)):
         try:  # torchvision's reader names no file: ask each
             read(str(path))

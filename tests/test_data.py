@@ -111,7 +111,8 @@ def test_missing_files_are_listed_in_one_line_with_where_they_belong(tmp_path, c
         assert train_mnist.main([*flags, *data_flags]) == 1
         missing = [name for name in train_mnist.MNIST_FILES if name not in present]
         assert one_line_error(capsys) == (
-            f"error: {', '.join(missing)} missing from {raw}, and the download failed. Put the "
+            f"error: {', '.join(missing)} missing from {raw}, and the download failed (urlopen error the "
+            f"tests never download ({MNIST.mirrors[-1]}train-images-idx3-ubyte.gz)). Put the "
             f"file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir at the folder that "
             "holds MNIST/raw/")
     # torchvision asked its mirrors, and the guard refused: no test downloads.
