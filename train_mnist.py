@@ -982,6 +982,7 @@ def open_run(state: dict, step: int, monitor: str):
                           for name in ("train", monitor)}
                 print(f"Training on {state['config']['device']} with seed {state['config']['seed']}"
                       + (f" in {WORLD_SIZE} processes" if DISTRIBUTED else "") + f"; logging to {run_dir}")
+                print(f"Watch it learn: tensorboard --logdir {run_dir.parent}")
                 yield writer, curves
     except Timeout:
         raise UserError(f"run {run_dir} is in use by another process; wait for it to end, or stop "

@@ -105,6 +105,7 @@ def test_each_run_gets_a_fresh_directory(tmp_path, synthetic_data, capsys):
     assert len(list(first.glob("events.out.tfevents.*"))) == 1
     out = capsys.readouterr().out
     assert f"Run directory: {second}" in out
+    assert out.count(f"Watch it learn: tensorboard --logdir {log_dir}\n") == 2  # one per run
     assert "Test accuracy: " in out
 
 
