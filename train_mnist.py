@@ -463,6 +463,12 @@ def missing_files(data_dir: Path) -> list[str]:
 
 def download_needed(data_dir: Path) -> bool:
     missing = missing_files(data_dir)
+    for folder in (data_dir, data_dir / "raw"):  # --data-dir naming MNIST/raw/ itself, or MNIST/
+        if missing and all((folder / name).is_file() for name in MNIST_FILES):
+            fix = (f"give --data-dir {folder.parent.parent}" if folder.parts[-2:] == ("MNIST", "raw") else
+                   f"move them into {raw_folder(data_dir)}")
+            raise UserError(f"the MNIST files are in {folder}, but --data-dir should name the folder that "
+                            f"holds MNIST/raw/: {fix}")
     if missing and MAIN_PROCESS:
         print(f"Downloading MNIST into {raw_folder(data_dir)}", file=sys.stderr)
     return bool(missing)

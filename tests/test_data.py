@@ -121,6 +121,20 @@ def test_missing_files_are_listed_in_one_line_with_where_they_belong(tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(("given", "fix"), [("data/MNIST/raw", "give --data-dir {root}/data"),
+                                            ("data/MNIST", "give --data-dir {root}/data"),
+                                            ("flat", "move them into {root}/flat/MNIST/raw")])
+def test_a_data_dir_one_level_off_names_the_right_one_without_downloading(tmp_path, capsys, given, fix):
+    """--data-dir naming the folder of the files itself, or MNIST/: the usual slip, and no download."""
+    raw = write_mnist(tmp_path / "data") / "MNIST" / "raw"
+    if given == "flat":  # the four files in a folder of their own
+        raw = raw.rename(tmp_path / "flat")
+    assert train_mnist.main(["--data-dir", str(tmp_path / given), "--log-dir", str(tmp_path / "runs")]) == 1
+    assert one_line_error(capsys) == (f"error: the MNIST files are in {raw}, but --data-dir should name the "
+                                      f"folder that holds MNIST/raw/: {fix.format(root=tmp_path)}")
+    assert not (tmp_path / given / "MNIST").exists() and not (tmp_path / "runs").exists()
+
+
 def write_checkpoint(tmp_path) -> Path:
     """A checkpoint of an untrained network, as --evaluate reads it."""
     path = tmp_path / "untrained.pt"
