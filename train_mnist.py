@@ -711,8 +711,11 @@ def log_test(writer: SummaryWriter, tested: MNISTNet, evaluation: Evaluation, tr
         writer.add_pr_curve(f"pr curve/{digit}", evaluation.labels == digit, probabilities[:, digit], step)
     for tag, split, shown in (("train features", train_set, None), ("test features", test_set, predictions)):
         if config["num_embeddings"]:  # filed under the epoch: <run>/000NN/<tag>/
-            writer.add_embedding(**embedding(tested, split, config["num_embeddings"], config["seed"], shown),
-                                 tag=tag, global_step=len(history))
+            # A run stopped after its embeddings writes them again on --resume: TensorBoard prints
+            # a warning as it replaces the files, which here are meant to be replaced.
+            with contextlib.redirect_stdout(io.StringIO()):
+                writer.add_embedding(**embedding(tested, split, config["num_embeddings"], config["seed"],
+                                                 shown), tag=tag, global_step=len(history))
     writer.flush()
 
 

@@ -298,6 +298,8 @@ def test_a_signal_inside_a_tensorboard_writer_waits_for_the_logging_then_stops(
     assert not (run_dir / "metrics.json").exists()  # stopped before it finished
     assert train_mnist.main(["--resume", str(run_dir)]) == 0
     assert metrics_of(run_dir)["epochs"] == 1
+    out, err = capsys.readouterr()
+    assert "warning" not in (out + err).lower()  # the projector written again over the stopped session's
 
 
 def test_a_signal_while_a_checkpoint_is_written_keeps_the_last_one_and_leaves_no_temporary_file(
