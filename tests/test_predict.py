@@ -174,6 +174,14 @@ def test_predict_needs_a_checkpoint_and_writes_nothing(checkpoint, test_digits, 
     assert "no checkpoint at" in one_line_error(capsys)
 
 
+def test_predict_under_torchrun_is_refused_before_reading_an_image(checkpoint, tmp_path, monkeypatch):
+    """torchrun would start a copy per process, each printing every line: --predict wants python."""
+    monkeypatch.setattr(train_mnist, "DISTRIBUTED", True)
+    with pytest.raises(train_mnist.UserError) as refused:
+        train_mnist.predict([tmp_path / "digit.png"], train_mnist.load_checkpoint(checkpoint), CPU, None)
+    assert str(refused.value) == "--predict runs in one process: start it with python, not torchrun"
+
+
 def test_save_inputs_where_a_file_stands_is_one_line(checkpoint, test_digits, tmp_path, capsys):
     image, taken = tmp_path / "digit.png", tmp_path / "taken"
     Image.fromarray(test_digits.raw[3].numpy()).save(image)

@@ -140,12 +140,25 @@ def finished_run(tmp_path, synthetic_data) -> Path:
     (["--val-size", "64"], "--val-size cannot change on --resume"),
     (["--run-name", "other"], "--run-name cannot rename a run on --resume"),
     (["--lr", "0.1", "0.2", "--epochs", "2"], "--resume continues one run"),
-], ids=["seed", "validation", "run name", "sweep"])
+    (["--evaluate", "elsewhere"], "--resume, --evaluate and --predict exclude each other"),
+], ids=["seed", "validation", "run name", "sweep", "evaluate"])
 def test_flags_that_would_make_another_run_are_refused(finished_run, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         train_mnist.parse_args(["--resume", str(finished_run), *flags])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_checkpoint_outside_its_run_folder_is_refused_and_evaluate_tests_it(finished_run, tmp_path, capsys):
+    """--resume goes on in the run's folder, so it needs one; the message points to --evaluate."""
+    loose = tmp_path / "copied.pt"
+    loose.write_bytes((finished_run / "checkpoints" / "last.pt").read_bytes())
+    assert train_mnist.main(["--resume", str(loose), "--epochs", "2"]) == 1
+    assert one_line_error(capsys) == ("error: --resume continues a run in its folder: give the run folder, "
+                                      "or a checkpoint in its checkpoints/ folder (use --evaluate to test a "
+                                      "loose checkpoint)")
+    assert train_mnist.main(["--evaluate", str(loose)]) == 0
+    assert f"Test accuracy: {metrics_of(finished_run)['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("key", "value"), [("lr", -5), ("epochs", 0), ("test_batch_size", 0),

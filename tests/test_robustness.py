@@ -253,6 +253,22 @@ def test_a_signal_while_the_libraries_load_is_one_line(tmp_path, synthetic_data,
     assert out == "" and list(tmp_path.iterdir()) == [synthetic_data]
 
 
+def test_a_signal_while_the_data_is_read_stops_at_once_without_a_run_folder(tmp_path, synthetic_data,
+                                                                            monkeypatch, restored_signals,
+                                                                            capsys):
+    real_check_split = train_mnist.check_split
+
+    def ctrl_c_then_check(*args):
+        os.kill(os.getpid(), signal.SIGINT)  # as torchvision has just read the training files
+        return real_check_split(*args)
+
+    monkeypatch.setattr(train_mnist, "check_split", ctrl_c_then_check)
+    argv = [*QUICK_VALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
+    assert train_mnist.main(argv) == 130
+    assert capsys.readouterr().err == "Stopped by SIGINT.\n"  # nothing to resume, nothing more to say
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_a_signal_after_the_last_epoch_stops_at_once_and_resume_finishes(tmp_path, interruptible_data):
     run_dir = tmp_path / "run"
