@@ -672,8 +672,10 @@ def log_epoch(writer: SummaryWriter, curves: dict[str, SummaryWriter], net: MNIS
     filters = F.interpolate(net.conv1.weight.detach().cpu(), scale_factor=8)  # 5x5 pixels are hard to see
     grid = make_grid(filters, normalize=True, scale_each=True, pad_value=1)  # each filter black to white
     writer.add_image(f"{PICTURES}conv1 filters", grid, step)
-    for sub_run in curves.values():  # on disk with the epoch's checkpoint, and before metrics.json
-        sub_run.flush()
+    # On disk before the epoch's checkpoint: a run killed after it loses none of these, and a full
+    # disk fails here, before the checkpoint is written, not in TensorBoard's thread as it is.
+    for each_writer in (writer, *curves.values()):
+        each_writer.flush()
     tqdm.write(f"Epoch {record['epoch']}: train loss {record['train_loss']:.4f}, {monitor} loss "
                f"{evaluation.loss:.4f}, {monitor} accuracy {evaluation.accuracy:.4f}")
 

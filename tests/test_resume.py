@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 import train_mnist
 from conftest import (
@@ -126,6 +128,28 @@ def test_a_signal_inside_a_librarys_except_exception_still_stops_the_run(tmp_pat
                              str(tmp_path), "--run-name", "stopped"]) == 130
     assert capfd.readouterr().err.endswith("Stopped by SIGINT before a first epoch was saved: there is "
                                             "nothing to resume.\n")
+
+
+def test_every_curve_of_an_epoch_is_on_disk_before_its_checkpoint(tmp_path, synthetic_data, monkeypatch):
+    """A run killed just after a checkpoint (out of memory, a power cut) resumes from it: the
+    epochs it covers must already be in TensorBoard's files, the per-step curves included, even
+    when TensorBoard's writing thread lags behind (a busy machine, a slow disk)."""
+    real_write = RecordWriter.write
+    monkeypatch.setattr(RecordWriter, "write", lambda writer, data: time.sleep(0.01) or real_write(writer,
+                                                                                                    data))
+    real_save_checkpoint, on_disk = train_mnist.save_checkpoint, []
+
+    def look_then_save(state, *args):
+        run_dir = Path(state["config"]["run_dir"])
+        events, train = events_of(run_dir), events_of(run_dir / "train")
+        on_disk.append(([point.step for point in events.Scalars("training/loss per step")],
+                        len(events.Histograms("weights/conv1.weight")),
+                        len(events.Images("visualizations/conv1 filters")), len(train.Scalars("loss"))))
+        return real_save_checkpoint(state, *args)
+
+    monkeypatch.setattr(train_mnist, "save_checkpoint", look_then_save)
+    train_in_process(synthetic_data, tmp_path, "run", *CONSTANT_LR, "--epochs", "2")
+    assert on_disk == [(list(range(1, 11)), 1, 1, 1), (list(range(1, 21)), 2, 2, 2)]  # 10 steps an epoch
 
 
 # --- What cannot be honoured is refused -------------------------------------------------
