@@ -672,8 +672,8 @@ def log_epoch(writer: SummaryWriter, curves: dict[str, SummaryWriter], net: MNIS
     filters = F.interpolate(net.conv1.weight.detach().cpu(), scale_factor=8)  # 5x5 pixels are hard to see
     grid = make_grid(filters, normalize=True, scale_each=True, pad_value=1)  # each filter black to white
     writer.add_image(f"{PICTURES}conv1 filters", grid, step)
-    # On disk before the epoch's checkpoint: a run killed after it loses none of these, and a full
-    # disk fails here, before the checkpoint is written, not in TensorBoard's thread as it is.
+    # On disk before the epoch's checkpoint is written: a run killed after the checkpoint loses none
+    # of them, and a full disk is reported here, not by TensorBoard's writing thread during the save.
     for each_writer in (writer, *curves.values()):
         each_writer.flush()
     tqdm.write(f"Epoch {record['epoch']}: train loss {record['train_loss']:.4f}, {monitor} loss "
