@@ -499,7 +499,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint_survive
                                        fill_first=when == "before the run")
     try:
         if when == "after epoch 1":
-            wait_for_epoch(run_dir, 1, process)
+            # best.pt: written after last.pt, so that the disk fills up after the epoch's last write
+            wait_for_epoch(run_dir, 1, process, checkpoint="best.pt")
             fill_up(run_dir, leave)
         _, err = process.communicate(timeout=120)
     finally:
