@@ -838,7 +838,9 @@ def save_checkpoint(state: dict, model_without_ddp: MNISTNet, optimizer: torch.o
         return
     buffer = io.BytesIO()  # in memory first, so that a full disk is the OSError it is
     torch.save(state, buffer)
-    for name in ("last", "best") if improved else ("last",):
+    # last.pt last: a run stopped between the two files resumes from the epoch before, and redoes
+    # this one, best.pt included.
+    for name in ("best", "last") if improved else ("last",):
         atomic_write(Path(state["config"]["run_dir"]) / "checkpoints" / f"{name}.pt", buffer.getvalue())
 
 

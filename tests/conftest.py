@@ -228,12 +228,11 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> Non
         time.sleep(0.01)
 
 
-def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds: float = 120,
-                   checkpoint: str = "last.pt") -> list[dict]:
-    """Wait until the run's `checkpoint` has finished `epoch`, while `process` still runs; returns
-    its history. The file is read only when it has changed: reading it in a tight loop would slow
-    the run down."""
-    last = run_dir / "checkpoints" / checkpoint
+def wait_for_epoch(run_dir: Path, epoch: int, process: subprocess.Popen, seconds: float = 120) -> list[dict]:
+    """Wait until the run's last.pt has finished `epoch`, while `process` still runs; returns that
+    last.pt's history. The file is read only when it has changed: reading it in a tight loop would
+    slow the run down."""
+    last = run_dir / "checkpoints" / "last.pt"
     deadline = time.monotonic() + seconds
     seen = None
     while True:

@@ -143,6 +143,38 @@ def test_ctrl_c_with_validation_then_resume_equals_a_run_left_alone(tmp_path, sy
     assert metrics_without_timing(stopped) == metrics_without_timing(alone)
 
 
+def test_a_signal_after_any_checkpoint_file_resumes_to_the_run_left_alone(tmp_path, synthetic_data,
+                                                                          monkeypatch, restored_signals):
+    """An improving epoch writes last.pt and best.pt, one after the other. Stopped after either
+    file of any epoch, then resumed, the run ends with the files and metrics of one left alone."""
+    argv = [*QUICK_VALIDATED, "--epochs", "3", "--lr", "0.01", "--data-dir", str(synthetic_data), "--log-dir",
+            str(tmp_path)]
+    real_replace, written, stop_after = os.replace, [], [0]
+
+    def replace_then_maybe_ctrl_c(source, target):
+        real_replace(source, target)
+        if Path(target).parent.name == "checkpoints":
+            written.append(Path(target).name)
+            if len(written) == stop_after[0]:
+                os.kill(os.getpid(), signal.SIGINT)  # just after this file took its place
+
+    monkeypatch.setattr(os, "replace", replace_then_maybe_ctrl_c)
+    assert train_mnist.main([*argv, "--run-name", "alone"]) == 0
+    files_written = len(written)
+    assert files_written > 3 and written.count("best.pt") >= 2  # both files, in more than one epoch
+    for stop_after[0] in range(1, files_written + 1):
+        written.clear()
+        stopped = tmp_path / f"stopped after file {stop_after[0]}"
+        assert train_mnist.main([*argv, "--run-name", stopped.name]) == 130
+        if not (stopped / "checkpoints" / "last.pt").exists():  # no epoch saved whole: nothing to resume
+            continue
+        assert train_mnist.main(["--resume", str(stopped)]) == 0
+        for name in ("last", "best"):
+            assert_same_weights(weights(tmp_path / "alone" / "checkpoints" / f"{name}.pt"),
+                                weights(stopped / "checkpoints" / f"{name}.pt"))
+        assert metrics_without_timing(stopped) == metrics_without_timing(tmp_path / "alone")
+
+
 def test_the_test_set_is_scored_once_per_run_or_once_per_epoch_without_validation(tmp_path, synthetic_data,
                                                                                   monkeypatch):
     test_set = train_mnist.load_split(synthetic_data, False, torch.device("cpu"))

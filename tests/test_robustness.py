@@ -395,10 +395,10 @@ def event_file_in(folder: str) -> Callable[[Path], bool]:
 WRITTEN_FILES = {
     "config.json": (named(".config.json.tmp"), 0, None),
     "last.pt": (named(".last.pt.tmp"), 1, 1),
-    "best.pt": (named(".best.pt.tmp"), 0, 1),
+    "best.pt": (named(".best.pt.tmp"), 0, None),  # written just before last.pt
     "metrics.json": (named(".metrics.json.tmp"), 0, 2),
-    "the run's event file": (event_file_in("full"), 2, 2),  # flushed as the run ends
-    "train's event file": (event_file_in("train"), 1, 1),  # flushed as each epoch ends
+    "the run's event file": (event_file_in("full"), 1, 1),  # flushed each epoch, before its checkpoint
+    "train's event file": (event_file_in("train"), 1, 1),  # the same
     "validation's event file": (event_file_in("validation"), 0, None),  # written as its writer starts
     "tensors.tsv": (named("tensors.tsv"), 0, 2),
     "metadata.tsv": (named("metadata.tsv"), 0, 2),
@@ -499,8 +499,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint_survive
                                        fill_first=when == "before the run")
     try:
         if when == "after epoch 1":
-            # best.pt: written after last.pt, so that the disk fills up after the epoch's last write
-            wait_for_epoch(run_dir, 1, process, checkpoint="best.pt")
+            wait_for_epoch(run_dir, 1, process)  # last.pt: the epoch's last write (after best.pt)
             fill_up(run_dir, leave)
         _, err = process.communicate(timeout=120)
     finally:
