@@ -490,8 +490,8 @@ def fill_up(run_dir: Path, leave: int) -> None:
 @pytest.mark.parametrize(("when", "leave", "failing"), [
     ("before the run", 0, "{run_dir}/config.json"),
     ("after epoch 1", 0, "a file in {run_dir}"),  # an event file: TensorBoard's writer names none
-    # an epoch's logs fit (140 kB), not a checkpoint:
-    ("after epoch 1", 300_000, "{run_dir}/checkpoints/last.pt"),
+    # an epoch's logs fit (140 kB), not a checkpoint (best.pt if the epoch improved, else last.pt):
+    ("after epoch 1", 300_000, "{run_dir}/checkpoints/"),
 ], ids=["config.json", "event file", "checkpoint"])
 def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint_survives(
         tmp_path, interruptible_data, when, leave, failing):
