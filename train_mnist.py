@@ -902,6 +902,7 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
         optimizer.load_state_dict(checkpoint["optimizer"])
         history = [dict(record) for record in checkpoint["history"]]
         position = {"epoch": len(history), "step": int(history[-1]["step"])}
+        best_model = dict(checkpoint["best_model"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
         raise UserError(f"{checkpoint['path']} lacks part of the training state, so it cannot be resumed; "
                         "--evaluate can still test it") from None
@@ -910,7 +911,7 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
                      weight_decay=args.weight_decay)
     report(f"Resuming {run_dir} after epoch {len(history)}")
     config = config_of(args, run_dir, checkpoint, position)
-    return {"history": history, "best_model": checkpoint["best_model"], "config": config}
+    return {"history": history, "best_model": best_model, "config": config}
 
 
 def evaluate(checkpoint: dict, args: argparse.Namespace, device: torch.device) -> None:

@@ -185,6 +185,17 @@ def test_a_checkpoint_outside_its_run_folder_is_refused_and_evaluate_tests_it(fi
     assert f"Test accuracy: {metrics_of(finished_run)['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("part", ["best_model", "optimizer", "history"])
+def test_a_checkpoint_missing_part_of_its_state_is_one_line(finished_run, capsys, part):
+    path = finished_run / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    del state[part]
+    torch.save(state, path)
+    assert train_mnist.main(["--resume", str(finished_run), "--epochs", "2"]) == 1
+    assert one_line_error(capsys) == (f"error: {path} lacks part of the training state, so it cannot be "
+                                      "resumed; --evaluate can still test it")
+
+
 @pytest.mark.parametrize(("key", "value"), [("lr", -5), ("epochs", 0), ("test_batch_size", 0),
                                             ("data_dir", ""), ("momentum", "fast"), ("deterministic", "yes")])
 def test_a_bad_stored_flag_is_one_line_naming_the_checkpoint(finished_run, capsys, key, value):
