@@ -462,6 +462,7 @@ def missing_files(data_dir: Path) -> list[str]:
 
 
 def download_needed(data_dir: Path) -> bool:
+    """Whether torchvision has files to download; a --data-dir one level off is refused first."""
     missing = missing_files(data_dir)
     for folder in (data_dir, data_dir / "raw"):  # --data-dir naming MNIST/raw/ itself, or MNIST/
         if missing and all((folder / name).is_file() for name in MNIST_FILES):
