@@ -463,16 +463,17 @@ def missing_files(data_dir: Path) -> list[str]:
 
 def download_needed(data_dir: Path) -> bool:
     """Whether torchvision has files to download; a --data-dir one level off is refused first."""
-    missing = missing_files(data_dir)
+    if not missing_files(data_dir):
+        return False
     for folder in (data_dir, data_dir / "raw"):  # --data-dir naming MNIST/raw/ itself, or MNIST/
-        if missing and all((folder / name).is_file() for name in MNIST_FILES):
+        if all((folder / name).is_file() for name in MNIST_FILES):
             fix = (f"give --data-dir {folder.parent.parent}" if folder.parts[-2:] == ("MNIST", "raw") else
                    f"move them into {raw_folder(data_dir)}")
             raise UserError(f"the MNIST files are in {folder}, but --data-dir should name the folder that "
                             f"holds MNIST/raw/: {fix}")
-    if missing and MAIN_PROCESS:
+    if MAIN_PROCESS:
         print(f"Downloading MNIST into {raw_folder(data_dir)}", file=sys.stderr)
-    return bool(missing)
+    return True
 
 
 def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
