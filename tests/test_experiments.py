@@ -145,8 +145,8 @@ def test_ctrl_c_with_validation_then_resume_equals_a_run_left_alone(tmp_path, sy
 
 def test_a_signal_after_any_checkpoint_file_resumes_to_the_run_left_alone(tmp_path, synthetic_data,
                                                                           monkeypatch, restored_signals):
-    """An improving epoch writes last.pt and best.pt, one after the other. Stopped after either
-    file of any epoch, then resumed, the run ends with the files and metrics of one left alone."""
+    """An improving epoch writes best.pt, then last.pt. Stopped after either file of any epoch,
+    then resumed, the run ends with the files and metrics of one left alone."""
     argv = [*QUICK_VALIDATED, "--epochs", "3", "--lr", "0.01", "--data-dir", str(synthetic_data), "--log-dir",
             str(tmp_path)]
     real_replace, written, stop_after = os.replace, [], [0]

@@ -135,8 +135,12 @@ def test_every_curve_of_an_epoch_is_on_disk_before_its_checkpoint(tmp_path, synt
     epochs it covers must already be in TensorBoard's files, the per-step curves included, even
     when TensorBoard's writing thread lags behind (a busy machine, a slow disk)."""
     real_write = RecordWriter.write
-    monkeypatch.setattr(RecordWriter, "write", lambda writer, data: time.sleep(0.01) or real_write(writer,
-                                                                                                    data))
+
+    def slow_write(writer: RecordWriter, data: bytes) -> None:
+        time.sleep(0.01)
+        real_write(writer, data)
+
+    monkeypatch.setattr(RecordWriter, "write", slow_write)
     real_save_checkpoint, on_disk = train_mnist.save_checkpoint, []
 
     def look_then_save(state, *args):
