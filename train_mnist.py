@@ -1268,8 +1268,11 @@ def read_grey(path: Path) -> torch.Tensor:
             warnings.simplefilter("ignore")  # Pillow warns of large images; the cap below says it
             if image.width * image.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"{image.width}x{image.height}")
-            upright = ImageOps.exif_transpose(image).convert("RGBA")  # a phone's rotation, kept apart
-            grey = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright).convert("L")
+            upright = ImageOps.exif_transpose(image)  # a phone's rotation, kept apart
+            if upright.mode.startswith("I") and upright.getextrema()[1] > 255:  # 16-bit grey, as in scans:
+                upright = upright.point(lambda level: level / 257)  # to 8 bits, Pillow would clip it white
+            paper = Image.new("RGBA", upright.size, "white")
+            grey = Image.alpha_composite(paper, upright.convert("RGBA")).convert("L")
     except Image.DecompressionBombError:
         message = f"{path}: too large an image (over {MAX_PIXELS:,} pixels); crop it to the digit"
         raise UserError(message) from None

@@ -123,6 +123,19 @@ def test_a_phone_photo_stored_on_its_side_is_read_upright_and_its_line_is_whole(
     assert read == ["4", "4"]
 
 
+def test_a_16_bit_scan_reads_like_the_same_digit_in_8_bits(checkpoint, test_digits, tmp_path, capsys):
+    """A scanner may save 16-bit grey levels, which Pillow clips to white on its way to 8 bits."""
+    scan = np.asarray(photo_of(test_digits.raw[7].numpy(), random.Random(2)))
+    Image.fromarray(scan).save(tmp_path / "8-bit.png")
+    Image.fromarray(scan.astype(np.uint16) * 257).save(tmp_path / "16-bit.png")
+    code, predicted, errors = predictions(capsys, "--predict", str(tmp_path / "8-bit.png"),
+                                          str(tmp_path / "16-bit.png"), "--checkpoint", str(checkpoint))
+    assert code == 0 and errors == []
+    assert Image.open(tmp_path / "16-bit.png").mode.startswith("I")
+    assert predicted[str(tmp_path / "16-bit.png")] == predicted[str(tmp_path / "8-bit.png")] == \
+        int(test_digits.labels[7])
+
+
 def huge_png_header(path: Path, side: int) -> None:
     """A PNG whose header says side x side pixels (its pixels never come: it is refused first)."""
     def chunk(kind: bytes, data: bytes) -> bytes:
