@@ -1276,6 +1276,8 @@ def read_grey(path: Path) -> torch.Tensor:
     except Image.DecompressionBombError:
         message = f"{path}: too large an image (over {MAX_PIXELS:,} pixels); crop it to the digit"
         raise UserError(message) from None
+    except Image.UnidentifiedImageError:  # e.g. an iPhone's HEIC, or a file that is no image
+        raise UserError(f"{path}: not in an image format that Pillow reads; save it as PNG or JPEG") from None
     except (OSError, ValueError, SyntaxError) as error:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
         raise UserError(f"{path}: cannot be read as an image ({reason})") from None

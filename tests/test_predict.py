@@ -152,11 +152,12 @@ def test_each_bad_image_is_one_line_and_the_others_are_still_read(checkpoint, te
     Image.merge("LA", (Image.new("L", alpha.size, 0), alpha)).save(transparent)
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))  # an iPhone's format
     Image.new("L", (200, 100), 255).save(tmp_path / "blank.png")
     huge_png_header(tmp_path / "huge.png", 20_000)  # over Pillow's own limit
     huge_png_header(tmp_path / "large.png", 8_000)  # under it, over ours
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
-    bad = ["notes.png", "empty.jpg", "blank.png", "huge.png", "large.png", "gone.png"]
+    bad = ["notes.png", "empty.jpg", "phone.heic", "blank.png", "huge.png", "large.png", "gone.png"]
     argv = ["--predict", str(good), *(str(tmp_path / name) for name in bad), str(transparent),
             "--checkpoint", str(checkpoint)]
     code, predicted, errors = predictions(capsys, *argv)
@@ -164,7 +165,8 @@ def test_each_bad_image_is_one_line_and_the_others_are_still_read(checkpoint, te
     assert predicted == {str(good): int(test_digits.labels[0]), str(transparent): int(test_digits.labels[1])}
     assert [error.split(": ")[1] for error in errors] == [str(tmp_path / name) for name in bad]
     reasons = dict(zip(bad, errors))
-    assert "cannot be read as an image" in reasons["notes.png"] and "cannot be read" in reasons["empty.jpg"]
+    for name in ("notes.png", "empty.jpg", "phone.heic"):
+        assert reasons[name].endswith(": not in an image format that Pillow reads; save it as PNG or JPEG")
     assert "no digit found: the image is blank" in reasons["blank.png"]
     for name in ("huge.png", "large.png"):
         assert "too large an image (over 50,000,000 pixels)" in reasons[name]
