@@ -1003,6 +1003,8 @@ def open_run(state: dict, step: int, monitor: str):
     except Timeout:
         raise UserError(f"run {run_dir} is in use by another process; wait for it to end, or stop "
                         "it first") from None
+    except BrokenPipeError:  # not a file: the console's output, piped into a program that quit
+        raise
     except OSError as error:  # a file TensorBoard writes (an event file, the projector's): it names none
         where = error.filename or f"a file in {run_dir}"
         raise UserError(f"cannot write {where}: {error.strerror}; {how_to_fix(error, '--log-dir')}") from None
@@ -1308,7 +1310,10 @@ def mnist_digit(grey: torch.Tensor, path: Path) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    sys.stdout.flush()
+    try:
+        exit_code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # its output went to a program that stopped reading, as `| head` does
+        exit_code = 141  # 128 + SIGPIPE: how a shell reports a command cut short that way
     sys.stderr.flush()
     os._exit(exit_code)  # no interpreter teardown: a Ctrl-C in it would end the program without a word

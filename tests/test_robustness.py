@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 import train_mnist
@@ -35,6 +36,8 @@ from conftest import (
     run_script,
     script_command,
     start_script,
+    synthetic_digits,
+    train_in_process,
     wait_for_epoch,
     weights,
     write_idx,
@@ -514,6 +517,32 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_last_checkpoint_survive
     if when == "after epoch 1":
         assert len(torch.load(after / "checkpoints" / "last.pt", weights_only=True)["history"]) == 1
     assert not (after / "metrics.json").exists()
+
+
+class ClosedPipe(io.StringIO):
+    """Standard output piped into a program that has quit, as `| head` leaves it."""
+
+    def write(self, _text: str) -> int:
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def test_output_into_a_program_that_quit_ends_quietly(tmp_path, synthetic_data, monkeypatch, capsys):
+    """A closed console is no file of the run: no 'cannot write' line and no traceback. In a real
+    process the script ends as a shell reports a command cut short by `| head`: code 141."""
+    argv = [*UNVALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
+    with monkeypatch.context() as patched:
+        patched.setattr("sys.stdout", ClosedPipe())
+        with pytest.raises(BrokenPipeError):
+            train_mnist.main(argv)
+    assert "error" not in capsys.readouterr().err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "metrics.json").exists()
+    whole_run = train_in_process(synthetic_data, tmp_path / "runs", "whole", *UNVALIDATED)
+    Image.fromarray(synthetic_digits(1, seed=0)[0][0]).save(tmp_path / "digit.png")
+    process = start_script("--predict", str(tmp_path / "digit.png"), "--checkpoint", str(whole_run))
+    process.stdout.close()  # before it prints
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == ""
 
 
 # --- Collisions --------------------------------------------------------------------------
