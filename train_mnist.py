@@ -336,15 +336,17 @@ def folder_name(text: str) -> str:
     """--run-name: one folder inside --log-dir, never a path that leaves it."""
     if text in ("", ".", "..") or Path(text).name != text or "\\" in text:
         raise argparse.ArgumentTypeError(f"{text!r} must be a folder name, without '/' and not '.' or '..'")
-    return str(path_flag(text))
+    path_flag(text)  # its checks; a run named ~ stays in --log-dir
+    return text
 
 
 def path_flag(text: str) -> Path:
+    """A file or folder, ~ as the home folder: a shell leaves the ~ of --data-dir=~/data as typed."""
     if not text:
         raise argparse.ArgumentTypeError("an empty path; give a folder or file, '.' for the current folder")
     if any(len(os.fsencode(part)) > NAME_MAX for part in Path(text).parts):
         raise argparse.ArgumentTypeError(f"{text[:40]!r}... has a name too long: at most {NAME_MAX} bytes")
-    return Path(text)
+    return Path(os.path.expanduser(text))
 
 
 def available_device(name: str) -> torch.device:

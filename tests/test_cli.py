@@ -19,6 +19,15 @@ def test_seed_command_parses():
     assert (args.momentum, args.seed) == (0.9, 1)  # the defaults of flags not given
 
 
+def test_a_tilde_is_the_home_folder_even_where_the_shell_leaves_it(tmp_path, monkeypatch):
+    """Bash expands ~ in `--data-dir ~/data` but not in `--data-dir=~/data`: a folder named ~ in
+    the current one would be made, that `rm -rf ~` then takes for the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = parse(["--data-dir=~/data", "--log-dir=~/runs", "--run-name=~"])
+    assert (args.data_dir, args.log_dir) == (tmp_path / "data", tmp_path / "runs")
+    assert args.run_name == "~"  # a folder inside --log-dir, never the home folder
+
+
 def test_both_spellings_of_multi_word_flags():
     underscore = parse(["--batch_size=32", "--test_batch_size=50", "--data_dir=d", "--log_dir=l",
                         "--run_name=r", "--num_embeddings=3", "--lr_decay=0", "--weight_decay=0.1",
