@@ -1098,10 +1098,13 @@ def sweep_row(status: str, metrics: dict | None = None) -> dict:
             "run_dir": metrics.get("run_dir"), "status": status}
 
 
+def point_values(point: argparse.Namespace) -> str:
+    return ", ".join(f"{key}={getattr(point, key)}" for key in SWEEP_FLAGS)
+
+
 def run_in_turn(points: list[argparse.Namespace], rows: list[dict], device: torch.device) -> None:
     for number, point in enumerate(points, 1):
-        values = ", ".join(f"{key}={getattr(point, key)}" for key in SWEEP_FLAGS)
-        report(f"\n=== Sweep run {number}/{len(points)}: {values}")
+        report(f"\n=== Sweep run {number}/{len(points)}: {point_values(point)}")
         try:
             rows[number - 1] |= run_point(point, device)
         except Stopped as stopped:  # Ctrl-C: start no other point
@@ -1133,6 +1136,8 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo once here, for every fork
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    report(f"=== Sweep of {len(points)} runs, {jobs} at a time, each reported as it ends. Watch them learn: "
+           f"tensorboard --logdir {points[0].log_dir}")
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("fork" if fork else "spawn"),
                              initializer=start_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(run_in_worker, point, torch.device("cuda", index % gpus) if gpus else device):
@@ -1141,7 +1146,8 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
             for future in as_completed(futures):
                 index = futures[future]
                 rows[index] |= future.result()
-                report(f"=== Sweep run {index + 1}/{len(points)}: {rows[index]['status']}")
+                report(f"=== Sweep run {index + 1}/{len(points)} ({point_values(points[index])}): "
+                       f"{rows[index]['status']}")
         except Stopped as stopped:  # passed on: the workers' runs stop, and no other starts
             # Windows gives Ctrl-C to every process of the console already, and its os.kill would
             # end a worker at once, before the worker returns its row.

@@ -442,7 +442,10 @@ def test_a_parallel_sweep_gives_the_rows_of_a_sequential_one_and_survives_a_fail
     # Forks of a fresh `python train_mnist.py`, as a user runs it.
     forked = run_script(*grid, "--log-dir", str(tmp_path / "forked"), "--jobs", "2")
     assert forked.returncode == 0, forked.stderr
-    assert "=== Sweep run 4/4: " in forked.stderr and "Traceback" not in forked.stdout + forked.stderr
+    assert forked.stderr.startswith("=== Sweep of 4 runs, 2 at a time, each reported as it ends. Watch them "
+                                    f"learn: tensorboard --logdir {tmp_path / 'forked'}\n")
+    assert "=== Sweep run 4/4 (lr=1000000.0, batch_size=64, momentum=0.9, epochs=1): failed: training " \
+           "diverged" in forked.stderr and "Traceback" not in forked.stdout + forked.stderr
     # On macOS and Windows, or on a GPU: a new `python train_mnist.py` per point.
     monkeypatch.setattr(train_mnist.sys, "platform", "darwin")
     start_methods, get_context = [], train_mnist.multiprocessing.get_context
