@@ -825,8 +825,8 @@ def out_of_patience(history: list[dict], patience: int, monitor: str) -> bool:
     chosen = best(history, monitor)
     if not patience or len(history) - chosen["epoch"] < patience:
         return False
-    report(f"Stopping early: {monitor} accuracy has not improved for {patience} epochs (best "
-           f"{chosen[f'{monitor}_accuracy']:.4f}, epoch {chosen['epoch']})")
+    report(f"Stopping early (--patience {patience}): {monitor} accuracy last improved in epoch "
+           f"{chosen['epoch']}, to {chosen[f'{monitor}_accuracy']:.4f}")
     return True
 
 
@@ -900,7 +900,7 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
         raise UserError("--resume continues a run in its folder: give the run folder, or a checkpoint in its "
                         "checkpoints/ folder (use --evaluate to test a loose checkpoint)")
     if (run_dir / "metrics.json").exists() and args.epochs <= epochs:
-        raise UserError(f"run {run_dir} has finished its {epochs} epochs; resume it with --epochs larger "
+        raise UserError(f"run {run_dir} is finished (--epochs {epochs}); resume it with --epochs larger "
                         f"than {epochs} to train longer")
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
