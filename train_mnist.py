@@ -1079,6 +1079,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
     for number, point in enumerate(points, 1):
         point.run_name = args.run_name and f"{args.run_name}-{number}"
     rows = [{key: getattr(point, key) for key in SWEEP_FLAGS} | sweep_row("not started") for point in points]
+    # MNIST downloaded once, or found missing once, before points that would all fetch it at once.
+    load_split(args.data_dir, False, torch.device("cpu"))
     try:
         if args.jobs > 1 and not DISTRIBUTED:
             run_in_processes(points, rows, device, args.jobs)

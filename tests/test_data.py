@@ -1,8 +1,12 @@
+import collections
+import contextlib
 import functools
 import gzip
 import hashlib
 import http.server
+import io
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,12 +159,26 @@ def test_evaluate_tests_a_checkpoint_on_the_test_set(tmp_path, capsys):
 
 
 class Mirror(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder, noting each path asked for; the right files come slowly, as from afar."""
+
+    def __init__(self, *args, asked: list[str], **kwargs) -> None:
+        self.asked = asked
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:
+        self.asked.append(self.path)
+        if self.path.startswith("/good/"):
+            time.sleep(0.2)
+        super().do_GET()
+
     def log_message(self, *args) -> None:  # quiet
         pass
 
 
-def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(tmp_path, monkeypatch):
-    """Mirrors served on loopback: one lacks the files, one serves a damaged copy, one is right."""
+@pytest.fixture
+def mirrors(tmp_path, monkeypatch) -> list[str]:
+    """MNIST's mirrors served on loopback: one lacks the files, one serves a damaged copy, one is
+    right. Returns the list of the paths asked for."""
     published = write_mnist(tmp_path / "published") / "MNIST" / "raw"
     for folder in ("good", "damaged"):
         (tmp_path / "site" / folder).mkdir(parents=True)
@@ -173,21 +191,39 @@ def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(
     checksums = [(f"{name}.gz", hashlib.md5((good / f"{name}.gz").read_bytes()).hexdigest())
                  for name in train_mnist.MNIST_FILES]
     monkeypatch.setattr(MNIST, "resources", checksums)
+    asked = []
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Mirror, directory=str(tmp_path / "site")))
+        ("127.0.0.1", 0), functools.partial(Mirror, asked=asked, directory=str(tmp_path / "site")))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setattr(MNIST, "mirrors", [f"{base}/missing/", f"{base}/damaged/", f"{base}/good/"])
-    try:
-        assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--val-size",
-                                 "0", "--data-dir", str(tmp_path / "data"), "--log-dir",
-                                 str(tmp_path / "runs")]) == 0
-    finally:
-        server.shutdown()
-        server.server_close()
+    yield asked
+    server.shutdown()
+    server.server_close()
+
+
+def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(tmp_path, mirrors):
+    assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--val-size", "0",
+                             "--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 0
     raw = tmp_path / "data" / "MNIST" / "raw"
     for name in train_mnist.MNIST_FILES:
-        assert (raw / name).read_bytes() == (published / name).read_bytes()
+        assert (raw / name).read_bytes() == (tmp_path / "published" / "MNIST" / "raw" / name).read_bytes()
+        assert {path for path in mirrors if path.endswith(f"/{name}.gz")} == {
+            f"/{site}/{name}.gz" for site in ("missing", "damaged", "good")}
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_downloads_mnist_once(tmp_path, mirrors):
+    """Its points start at once, each in a process of its own: each would download every file."""
+    assert train_mnist.main(["--lr", "0.05", "0.1", "--jobs", "2", "--epochs", "1", "--num-embeddings", "0",
+                             "--device", "cpu", "--val-size", "64", "--data-dir", str(tmp_path / "data"),
+                             "--log-dir", str(tmp_path / "runs")]) == 0
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 2
+    asked_by_the_sweep = collections.Counter(mirrors)
+    mirrors.clear()
+    with contextlib.redirect_stdout(io.StringIO()):
+        MNIST(tmp_path / "once", download=True)
+    assert asked_by_the_sweep == collections.Counter(mirrors)  # what one download asks
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):
