@@ -895,13 +895,13 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
            args: argparse.Namespace) -> dict:
     """The state to go on from the end of the checkpoint's epoch; the flags given again win."""
     restore_model(model_without_ddp, checkpoint)
-    run_dir, epochs = checkpoint["path"].parent.parent, checkpoint["config"].get("epochs", 0)
+    run_dir = checkpoint["path"].parent.parent
     if checkpoint["path"].parent.name != "checkpoints":
         raise UserError("--resume continues a run in its folder: give the run folder, or a checkpoint in its "
                         "checkpoints/ folder (use --evaluate to test a loose checkpoint)")
-    if (run_dir / "metrics.json").exists() and args.epochs <= epochs:
-        raise UserError(f"run {run_dir} is finished (--epochs {epochs}); resume it with --epochs larger "
-                        f"than {epochs} to train longer")
+    if args.epochs <= (trained := epochs_finished(run_dir)):
+        raise UserError(f"run {run_dir} finished after epoch {trained}; resume it with --epochs larger than "
+                        f"{trained} to train longer")
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
         history = [dict(record) for record in checkpoint["history"]]
@@ -916,6 +916,15 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
     report(f"Resuming {run_dir} after epoch {len(history)}")
     config = config_of(args, run_dir, checkpoint, position)
     return {"history": history, "best_model": best_model, "config": config}
+
+
+def epochs_finished(run_dir: Path) -> int:
+    """The epochs a finished run trained, as its metrics.json says (fewer than its --epochs if
+    --patience stopped it); 0 while it is unfinished."""
+    try:
+        return int(json.loads((run_dir / "metrics.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def evaluate(checkpoint: dict, args: argparse.Namespace, device: torch.device) -> None:

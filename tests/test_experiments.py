@@ -328,7 +328,7 @@ def test_a_finished_run_resumes_only_to_train_longer(tmp_path, synthetic_data, c
                                "--epochs", "1", "--num-embeddings", "8")
     capsys.readouterr()
     assert train_mnist.main(["--resume", str(run_dir), "--device", "cpu"]) == 1
-    assert "is finished (--epochs 1); resume it with --epochs larger than 1" in capsys.readouterr().err
+    assert "finished after epoch 1; resume it with --epochs larger than 1" in capsys.readouterr().err
     assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--device", "cpu"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
     assert steps_of(event_points(run_dir), "loss (train)") == [8, 16]
@@ -381,6 +381,11 @@ def test_patience_stops_early_and_the_run_finishes_on_its_best_weights(tmp_path,
     assert len(best["history"]) == metrics["best_epoch"]
     assert train_mnist.main(["--evaluate", str(run_dir / "checkpoints" / "best.pt"), "--device", "cpu"]) == 0
     assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in capsys.readouterr().out
+    # Stopped early, it trains on when resumed with more patience, up to the epochs it was given.
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", str(metrics["epochs"])]) == 1
+    assert f"finished after epoch {metrics['epochs']}; resume it with" in capsys.readouterr().err
+    assert train_mnist.main(["--resume", str(run_dir), "--patience", "0"]) == 0
+    assert metrics_of(run_dir)["epochs"] == 20
 
 
 # --- The recipe's flags -----------------------------------------------------------------

@@ -224,7 +224,7 @@ def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_aft
     assert len(best["history"]) < 3  # accuracy peaked early on these easy digits
     capsys.readouterr()
     assert train_mnist.main(["--resume", str(run_dir / "checkpoints" / "best.pt"), "--epochs", "3"]) == 1
-    assert "is finished (--epochs 3); resume it with --epochs larger than 3" in one_line_error(capsys)
+    assert "finished after epoch 3; resume it with --epochs larger than 3" in one_line_error(capsys)
     assert (run_dir / "metrics.json").exists()
 
     assert train_mnist.main(["--resume", str(run_dir / "checkpoints" / "best.pt"), "--epochs", "4"]) == 0
