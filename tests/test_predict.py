@@ -76,6 +76,20 @@ def test_28x28_pngs_of_test_digits_get_the_predictions_of_the_tensors(checkpoint
     assert agree >= 990, agree
 
 
+def test_the_readmes_code_loads_the_model_and_reads_digits_as_the_script_does(checkpoint, test_digits):
+    """The README's snippet, run as written on a real checkpoint, fed as the README says."""
+    readme = (Path(train_mnist.__file__).parent / "README.md").read_text()
+    snippet = readme.split("In your own code")[1].split("```python\n")[1].split("```")[0]
+    namespace = {}
+    exec(snippet.replace("runs/<run-name>", str(checkpoint)), namespace)
+    x = (test_digits.raw[:1000, None].float() / 255 - 0.1307) / 0.3081
+    with torch.no_grad():
+        read = namespace["model"](x).argmax(1)
+        expected = train_mnist.test(namespace["model"], train_mnist.DeviceLoader(test_digits, 1000))
+    assert torch.equal(read, expected.logits[:1000].argmax(1))
+    assert (read == test_digits.labels[:1000]).float().mean() > 0.95
+
+
 def test_photos_of_test_digits_are_read_right(checkpoint, test_digits, tmp_path, capsys):
     rng = random.Random(0)
     folder = tmp_path / "photos"
