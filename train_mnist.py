@@ -1092,7 +1092,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
     load_split(args.data_dir, False, torch.device("cpu"))
     try:
         if args.jobs > 1 and not DISTRIBUTED:
-            run_in_processes(points, rows, device, args.jobs)
+            # No more workers than points: each gets its share of the cores.
+            run_in_processes(points, rows, device, min(args.jobs, len(points)))
         else:
             run_in_turn(points, rows, device)
     finally:

@@ -476,6 +476,24 @@ def test_a_parallel_sweep_gives_the_rows_of_a_sequential_one_and_survives_a_fail
                                                                 abs=0.003)
 
 
+def test_a_sweep_starts_no_more_workers_than_points_and_gives_each_its_share_of_the_cores(
+        tmp_path, synthetic_data, monkeypatch):
+    class NoPool(Exception):
+        pass
+
+    def pool(workers, context, initializer, initargs):
+        started.append((workers, initargs))
+        raise NoPool
+
+    started = []
+    monkeypatch.setattr(train_mnist, "ProcessPoolExecutor", pool)
+    monkeypatch.setattr(train_mnist.os, "cpu_count", lambda: 16)
+    with pytest.raises(NoPool):
+        train_mnist.main([*QUICK_VALIDATED, "--lr", "0.01", "0.02", "--epochs", "1", "--jobs", "8",
+                          "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path)])
+    assert started == [(2, (8,))]  # 2 points: 2 workers of 8 threads, not 8 workers of 2
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_every_run_of_a_parallel_sweep_with_its_state_saved(tmp_path, interruptible_data):
     argv = [*INTERRUPTIBLE, "--lr", "0.01", "0.02", "0.03", "--data-dir", str(interruptible_data),
