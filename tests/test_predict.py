@@ -211,6 +211,25 @@ def test_predict_under_torchrun_is_refused_before_reading_an_image(checkpoint, t
     assert str(refused.value) == "--predict runs in one process: start it with python, not torchrun"
 
 
+def test_save_inputs_keeps_one_file_per_image_where_names_repeat(checkpoint, test_digits, tmp_path, capsys):
+    """a.jpg beside a.png, and a.png in a second folder: three images, three inputs, each the
+    digit of its own image."""
+    for folder, name, index in (("one", "a.png", 0), ("one", "a.jpg", 1), ("two", "a.png", 2)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        photo = photo_of(test_digits.raw[index].numpy(), random.Random(index))
+        photo.save(tmp_path / folder / name, quality=95)
+    seen = tmp_path / "seen"
+    code, _, errors = predictions(capsys, "--predict", str(tmp_path / "one"), str(tmp_path / "two"),
+                                  "--checkpoint", str(checkpoint), "--save-inputs", str(seen))
+    assert code == 0 and errors == []
+    assert sorted(file.name for file in seen.iterdir()) == ["a.png", "a_2.png", "a_3.png"]
+    # In the order read: one/a.jpg, one/a.png, two/a.png; each the digit of its own image.
+    for name, image in (("a.png", "one/a.jpg"), ("a_2.png", "one/a.png"), ("a_3.png", "two/a.png")):
+        path = tmp_path / image
+        model_saw = train_mnist.mnist_digit(train_mnist.read_grey(path), path).mul(255).round().byte()
+        assert np.array_equal(np.asarray(Image.open(seen / name)), model_saw.numpy())
+
+
 def test_save_inputs_where_a_file_stands_is_one_line(checkpoint, test_digits, tmp_path, capsys):
     image, taken = tmp_path / "digit.png", tmp_path / "taken"
     Image.fromarray(test_digits.raw[3].numpy()).save(image)
