@@ -32,6 +32,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import shlex
 import threading
 import time
 import warnings
@@ -349,6 +350,11 @@ def path_flag(text: str) -> Path:
     return Path(os.path.expanduser(text))
 
 
+def typed(path: Path) -> str:
+    """A path as it is typed in a command that we print: quoted if a shell would split it."""
+    return shlex.quote(str(path))
+
+
 def available_device(name: str) -> torch.device:
     has_mps = torch.backends.mps.is_available()
     if name == "auto":
@@ -469,8 +475,10 @@ def download_needed(data_dir: Path) -> bool:
         return False
     for folder in (data_dir, data_dir / "raw"):  # --data-dir naming MNIST/raw/ itself, or MNIST/
         if all((folder / name).is_file() for name in MNIST_FILES):
-            fix = (f"give --data-dir {folder.parent.parent}" if folder.parts[-2:] == ("MNIST", "raw") else
-                   f"move them into {raw_folder(data_dir)}")
+            if folder.parts[-2:] == ("MNIST", "raw"):
+                fix = f"give --data-dir {typed(folder.parent.parent)}"
+            else:
+                fix = f"move them into {raw_folder(data_dir)}"
             raise UserError(f"the MNIST files are in {folder}, but --data-dir should name the folder that "
                             f"holds MNIST/raw/: {fix}")
     if MAIN_PROCESS:
@@ -584,7 +592,7 @@ class Stopped(KeyboardInterrupt):
 
     def message(self) -> str:
         if self.resumable():
-            return f"Stopped by {self}. Resume with: python train_mnist.py --resume {self.run_dir}"
+            return f"Stopped by {self}. Resume with: python train_mnist.py --resume {typed(self.run_dir)}"
         if self.run_dir:
             return f"Stopped by {self} before a first epoch was saved: there is nothing to resume."
         return f"Stopped by {self}."
@@ -968,7 +976,7 @@ def make_run_dir(args: argparse.Namespace) -> Path:
         raise UserError(f"run {args.log_dir / base} already exists, without a checkpoint to resume (it "
                         "stopped before its first epoch ended); delete it or pick another --run-name")
     raise UserError(f"run {args.log_dir / base} already exists; pick another --run-name, or continue it "
-                    f"with --resume {args.log_dir / base}")
+                    f"with --resume {typed(args.log_dir / base)}")
 
 
 def config_of(args: argparse.Namespace, run_dir: Path | None, checkpoint: dict | None = None,
@@ -1009,7 +1017,7 @@ def open_run(state: dict, step: int, monitor: str):
                           for name in ("train", monitor)}
                 print(f"Training on {state['config']['device']} with seed {state['config']['seed']}"
                       + (f" in {WORLD_SIZE} processes" if DISTRIBUTED else "") + f"; logging to {run_dir}")
-                print(f"Watch it learn: tensorboard --logdir {run_dir.parent}")
+                print(f"Watch it learn: tensorboard --logdir {typed(run_dir.parent)}")
                 yield writer, curves
     except Timeout:
         raise UserError(f"run {run_dir} is in use by another process; wait for it to end, or stop "
@@ -1149,7 +1157,7 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
     report(f"=== Sweep of {len(points)} runs, {jobs} at a time, each reported as it ends. Watch them learn: "
-           f"tensorboard --logdir {points[0].log_dir}")
+           f"tensorboard --logdir {typed(points[0].log_dir)}")
     with ProcessPoolExecutor(jobs, multiprocessing.get_context("fork" if fork else "spawn"),
                              initializer=start_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(run_in_worker, point, torch.device("cuda", index % gpus) if gpus else device):

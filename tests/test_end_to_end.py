@@ -98,14 +98,14 @@ def test_config_and_metrics_json(small_run):
 
 
 def test_each_run_gets_a_fresh_directory(tmp_path, synthetic_data, capsys):
-    log_dir = tmp_path / "runs"
+    log_dir = tmp_path / "my runs"  # a space: the printed command quotes it, as a shell needs
     first = train_in_process(synthetic_data, log_dir, None, *FULLY_LOGGED, "--epochs", "1")
     second = train_in_process(synthetic_data, log_dir, None, *FULLY_LOGGED, "--epochs", "1")
     assert first != second and first.parent == second.parent == log_dir
     assert len(list(first.glob("events.out.tfevents.*"))) == 1
     out = capsys.readouterr().out
     assert f"Run directory: {second}" in out
-    assert out.count(f"Watch it learn: tensorboard --logdir {log_dir}\n") == 2  # one per run
+    assert out.count(f"Watch it learn: tensorboard --logdir '{log_dir}'\n") == 2  # one per run
     assert "Test accuracy: " in out
 
 

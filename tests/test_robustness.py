@@ -9,6 +9,7 @@ import io
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -274,10 +275,10 @@ def test_a_signal_while_the_data_is_read_stops_at_once_without_a_run_folder(tmp_
 
 @pytest.mark.slow
 def test_a_signal_after_the_last_epoch_stops_at_once_and_resume_finishes(tmp_path, interruptible_data):
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "my runs" / "run"  # a space: the printed command quotes it, as a shell needs
     process = start_script("--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--num-embeddings", "1400",
                            "--val-size", "200", "--device", "cpu", "--data-dir", str(interruptible_data),
-                           "--log-dir", str(tmp_path), "--run-name", "run")
+                           "--log-dir", str(run_dir.parent), "--run-name", "run")
     try:
         # The last epoch is saved; the test, the figures and 1,400 embeddings come next.
         wait_for_epoch(run_dir, 1, process)
@@ -287,9 +288,12 @@ def test_a_signal_after_the_last_epoch_stops_at_once_and_resume_finishes(tmp_pat
         process.kill()
     assert process.returncode == 130, err
     assert "Traceback" not in err
-    assert err.rstrip().endswith(f"Stopped by SIGINT. Resume with: python train_mnist.py --resume {run_dir}")
+    stopped, pasted = err.rstrip().splitlines()[-1].split(" Resume with: ")
+    assert stopped == "Stopped by SIGINT." and pasted == f"python train_mnist.py --resume '{run_dir}'"
     assert not (run_dir / "metrics.json").exists()  # unfinished
-    assert train_mnist.main(["--resume", str(run_dir)]) == 0  # trains nothing more: tests, logs, finishes
+    command = shlex.split(pasted)  # as a shell reads the line pasted
+    assert command[:2] == ["python", "train_mnist.py"]
+    assert train_mnist.main(command[2:]) == 0  # trains nothing more: tests, logs, finishes
     assert metrics_of(run_dir)["epochs"] == 1
     assert len(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]) == 1
 
