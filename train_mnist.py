@@ -1269,7 +1269,8 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
     for path in paths:  # a folder means the images in it
         if not path.is_dir():
             images.append(path)
-        elif found := sorted(file for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES):
+        elif found := sorted(file for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES
+                             and not file.name.startswith(".")):  # hidden: macOS's ._IMG_1.jpg, say
             images += found
         else:
             report(f"error: {path}: no images in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")

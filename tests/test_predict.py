@@ -248,6 +248,8 @@ def test_a_folder_without_images_is_one_line_and_the_others_are_still_read(check
     empty, image = tmp_path / "empty", tmp_path / "digit.png"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image, and not named as one")
+    # What macOS leaves beside a photo on a USB drive: named as an image, hidden, and none.
+    (empty / "._digit.png").write_bytes(b"\x00\x05\x16\x07" + bytes(100))
     Image.fromarray(test_digits.raw[4].numpy()).save(image)
     code, predicted, errors = predictions(capsys, "--predict", str(empty), str(image), "--checkpoint",
                                           str(checkpoint))
