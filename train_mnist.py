@@ -33,6 +33,7 @@ import json
 import math
 import multiprocessing
 import shlex
+import subprocess
 import threading
 import time
 import warnings
@@ -351,7 +352,10 @@ def path_flag(text: str) -> Path:
 
 
 def typed(path: Path) -> str:
-    """A path as it is typed in a command that we print: quoted if a shell would split it."""
+    """A path as it is typed in a command that we print: quoted if a shell would split it, in
+    Windows' own way there (double quotes; cmd.exe takes single quotes as part of the path)."""
+    if sys.platform == "win32":
+        return subprocess.list2cmdline([str(path)])
     return shlex.quote(str(path))
 
 

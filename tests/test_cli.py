@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,17 @@ def test_a_tilde_is_the_home_folder_even_where_the_shell_leaves_it(tmp_path, mon
     args = parse(["--data-dir=~/data", "--log-dir=~/runs", "--run-name=~"])
     assert (args.data_dir, args.log_dir) == (tmp_path / "data", tmp_path / "runs")
     assert args.run_name == "~"  # a folder inside --log-dir, never the home folder
+
+
+@pytest.mark.parametrize(("platform", "path", "typed"), [
+    ("linux", "runs/lr0.001_bs64", "runs/lr0.001_bs64"),
+    ("linux", "My Drive/runs/x", "'My Drive/runs/x'"),
+    ("win32", r"runs\lr0.001_bs64", r"runs\lr0.001_bs64"),  # cmd.exe takes single quotes as part of it
+    ("win32", r"C:\My Drive\runs\x", r'"C:\My Drive\runs\x"'),
+])
+def test_a_printed_path_is_quoted_as_the_shell_of_its_os_needs(platform, path, typed, monkeypatch):
+    monkeypatch.setattr(train_mnist.sys, "platform", platform)
+    assert train_mnist.typed(Path(path)) == typed
 
 
 def test_both_spellings_of_multi_word_flags():
