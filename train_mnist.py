@@ -38,6 +38,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import NamedTuple
 
@@ -1181,6 +1182,13 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
             for future, index in futures.items():
                 rows[index] |= future.result()
             raise
+        except BrokenProcessPool:  # a worker killed outright (out of memory, kill -9): the pool ends them all
+            for row in rows:
+                if row["status"] == "not started":
+                    row["status"] = "not finished: a worker process was killed"
+            raise UserError(f"a worker process of the sweep was killed (out of memory, or kill -9), and the "
+                            f"others stopped with it; their runs are the folders in "
+                            f"{typed(points[0].log_dir)} without a metrics.json: --resume each") from None
 
 
 def start_worker(threads: int) -> None:

@@ -1,5 +1,6 @@
 """Experiment management: reproducibility, checkpoints, interrupt and resume, evaluate, sweeps."""
 
+import contextlib
 import csv
 import json
 import os
@@ -517,3 +518,42 @@ def test_ctrl_c_stops_every_run_of_a_parallel_sweep_with_its_state_saved(tmp_pat
         assert rows[lr]["status"] == f"stopped: --resume {rows[lr]['run_dir']}"
         state = torch.load(Path(rows[lr]["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
         assert len(state["history"]) < EPOCHS and not (Path(rows[lr]["run_dir"]) / "metrics.json").exists()
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes that `pid` started (Linux: read from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+def test_a_sweep_worker_killed_outright_is_one_line_and_its_runs_resume(tmp_path, interruptible_data):
+    """The out-of-memory killer, or kill -9, ends a --jobs worker at once; the pool then stops the
+    others. One line says so, the table lists every point, and each run can be resumed."""
+    argv = [*INTERRUPTIBLE, "--lr", "0.01", "0.02", "--data-dir", str(interruptible_data),
+            "--log-dir", str(tmp_path), "--jobs", "2"]
+    process = start_script(*argv)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("*/checkpoints/last.pt"))) < 2:  # a first epoch of both is saved
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(child_processes(process.pid)[0], signal.SIGKILL)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        "error: a worker process of the sweep was killed (out of memory, or kill -9), and the others stopped "
+        f"with it; their runs are the folders in {tmp_path} without a metrics.json: --resume each"]
+    rows = sweep_table(tmp_path)
+    assert [row["status"] for row in rows] == ["not finished: a worker process was killed"] * 2
+    run_dirs = [run_dir for run_dir in tmp_path.iterdir() if run_dir.is_dir()]
+    assert len(run_dirs) == 2 and not any((run_dir / "metrics.json").exists() for run_dir in run_dirs)
+    for run_dir in run_dirs:
+        assert train_mnist.main(["--resume", str(run_dir)]) == 0
+        assert metrics_of(run_dir)["epochs"] == EPOCHS
