@@ -1264,7 +1264,7 @@ def report(message: str, every_node: bool = False) -> None:
 
 # --- Predict your own images: each prepared the way MNIST's digits were made ---------------
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # of a folder's files
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp"}  # in a folder
 MAX_PIXELS = 50_000_000  # a larger image is refused before it is decoded (a phone photo has about 12 M)
 
 

@@ -96,8 +96,8 @@ def test_photos_of_test_digits_are_read_right(checkpoint, test_digits, tmp_path,
     folder = tmp_path / "photos"
     folder.mkdir()
     labels = {}
-    for index in range(2000, 2040):  # 20 PNG and 20 JPEG
-        path = folder / f"{index}.{'png' if index % 2 else 'jpg'}"
+    for index in range(2000, 2040):  # 20 PNG and 20 JPEG (.jpg, and .jfif as Windows browsers save it)
+        path = folder / f"{index}.{'png' if index % 2 else 'jfif' if index % 4 else 'jpg'}"
         photo_of(test_digits.raw[index].numpy(), rng).save(path, quality=85)
         labels[str(path)] = int(test_digits.labels[index])
     seen = tmp_path / "seen"
@@ -254,5 +254,5 @@ def test_a_folder_without_images_is_one_line_and_the_others_are_still_read(check
     code, predicted, errors = predictions(capsys, "--predict", str(empty), str(image), "--checkpoint",
                                           str(checkpoint))
     assert code == 1 and predicted == {str(image): int(test_digits.labels[4])}
-    assert errors == [f"error: {empty}: no images in this folder (.bmp, .gif, .jpeg, .jpg, .png, .tif, "
-                      ".tiff, .webp)"]
+    assert errors == [f"error: {empty}: no images in this folder (.bmp, .gif, .jfif, .jpeg, .jpg, .png, "
+                      ".tif, .tiff, .webp)"]
