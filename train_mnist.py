@@ -1348,7 +1348,9 @@ def mnist_digit(grey: torch.Tensor, path: Path) -> torch.Tensor:
         raise UserError(f"{path}: no digit found: the image is blank")
     ink = ink / ink.max()
     ink[ink < 0.2] = 0  # faint marks (paper grain, shadows, JPEG noise) are not ink
-    rows, columns = ink.sum(dim=1).nonzero().flatten(), ink.sum(dim=0).nonzero().flatten()
+    # The digit's box holds its strong strokes: a notebook's ruled lines, fainter, cross the whole page.
+    strong = ink >= 0.4
+    rows, columns = strong.sum(dim=1).nonzero().flatten(), strong.sum(dim=0).nonzero().flatten()
     ink = ink[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
     size = [max(1, round(side * 20 / max(ink.shape))) for side in ink.shape]
     small = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0].clamp(min=0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 import train_mnist
 from conftest import one_line_error, train_in_process
@@ -111,6 +111,23 @@ def test_photos_of_test_digits_are_read_right(checkpoint, test_digits, tmp_path,
     assert len(inputs) == 40
     seen_digit = np.asarray(Image.open(inputs[0]))
     assert seen_digit.shape == (28, 28) and seen_digit.max() == 255 and seen_digit[0].max() == 0
+
+
+def test_a_digit_on_lined_paper_is_read_as_on_plain_paper(checkpoint, test_digits, tmp_path, capsys):
+    """A notebook's ruled lines, fainter than the pen, run across the whole photo: they must not
+    make the digit's box the whole page, with the digit a speck in it."""
+    rng = random.Random(2)
+    labels = {}
+    for index in range(3000, 3040):
+        photo = photo_of(test_digits.raw[index].numpy(), rng)
+        for y in range(rng.randint(0, 30), photo.height, 32):  # on paper of 235, the ink at 20
+            ImageDraw.Draw(photo).line((0, y, photo.width, y), fill=185, width=2)
+        photo.save(tmp_path / f"{index}.png")
+        labels[str(tmp_path / f"{index}.png")] = int(test_digits.labels[index])
+    code, predicted, errors = predictions(capsys, "--predict", str(tmp_path), "--checkpoint", str(checkpoint))
+    assert code == 0 and errors == []
+    right = sum(predicted[path] == label for path, label in labels.items())
+    assert right >= 0.9 * len(labels), f"{right} of {len(labels)}"
 
 
 def test_a_phone_photo_stored_on_its_side_is_read_upright_and_its_line_is_whole(checkpoint, test_digits,
