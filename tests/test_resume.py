@@ -83,6 +83,53 @@ def test_a_flag_given_again_applies_from_the_checkpoint_on(tmp_path, synthetic_d
     assert session["changed"] == {"epochs": [1, 2]} | {key: [before[key], v] for key, v in changes.items()}
 
 
+def test_the_other_flags_given_again_are_used_as_given(tmp_path, synthetic_data, monkeypatch):
+    """--warmup and --lr-decay recompute the schedule for the steps left, from the step reached;
+    the switches, the label smoothing, the test batch, the projector and the data folder are used
+    as given."""
+    run_dir = train_in_process(synthetic_data, tmp_path, "run", *CONSTANT_LR, "--epochs", "1")
+    moved = tmp_path / "moved data"
+    shutil.move(synthetic_data, moved)  # the run's own --data-dir is gone
+    trained, tested = [], []
+    real_train, real_test = train_mnist.train, train_mnist.test
+
+    def train_and_look(model, optimizer, scheduler, loader, loss_fn, *args, **kwargs):
+        trained.append((optimizer.param_groups[0]["nesterov"], loss_fn.label_smoothing,
+                        torch.are_deterministic_algorithms_enabled()))
+        return real_train(model, optimizer, scheduler, loader, loss_fn, *args, **kwargs)
+
+    def test_and_look(model, loader):
+        tested.append(loader.batch_size)
+        return real_test(model, loader)
+
+    monkeypatch.setattr(train_mnist, "train", train_and_look)
+    monkeypatch.setattr(train_mnist, "test", test_and_look)
+    # What --deterministic sets for the whole process, put back after the test.
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    try:
+        assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2", "--warmup", "0.75", "--lr-decay",
+                                 "0.5", "--nesterov", "--label-smoothing", "0.1", "--test-batch-size", "7",
+                                 "--num-embeddings", "5", "--deterministic", "--data-dir", str(moved)]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert trained == [(True, 0.1, True)]
+    assert tested == [7, 7]  # epoch 2 scored on the test set (--val-size 0), then the final test
+    # 10 steps at the constant rate, then 10 more of 20 in all: the rate rises over the first 15 of
+    # the 20 and falls over the last 10.
+    rates = [event.value for event in events_of(run_dir).Scalars("training/learning rate")]
+    resumed = [0.05 * min(1, (step + 1) / 15, (20 - step) / 10) for step in range(10, 20)]
+    assert rates == pytest.approx([0.05] * 10 + resumed)
+    for tag, lines in (("train features", 5), ("test features", 6)):  # the test digits' with a header
+        (metadata,) = run_dir.glob(f"*/{tag}/metadata.tsv")
+        assert len(metadata.read_text().splitlines()) == lines
+    config = config_of(run_dir)
+    assert config["data_dir"] == str(moved)
+    assert set(config["resumed"][0]["changed"]) == {"epochs", "warmup", "lr_decay", "nesterov",
+                                                    "label_smoothing", "test_batch_size", "num_embeddings",
+                                                    "deterministic", "data_dir"}
+
+
 @pytest.mark.parametrize("batch_size", [16, 64])
 def test_ctrl_c_then_a_new_batch_size_redoes_the_stopped_epoch_in_the_new_batches(tmp_path, synthetic_data,
                                                                                   ctrl_c_in_epoch, capsys,
