@@ -245,6 +245,8 @@ def test_a_checkpoint_missing_part_of_its_state_is_one_line(finished_run, capsys
     assert train_mnist.main(["--resume", str(finished_run), "--epochs", "2"]) == 1
     assert one_line_error(capsys) == (f"error: {path} lacks part of the training state, so it cannot be "
                                       "resumed; --evaluate can still test it")
+    assert train_mnist.main(["--evaluate", str(path)]) == 0  # as the line says
+    assert "Test accuracy: " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("key", "value"), [("lr", -5), ("epochs", 0), ("test_batch_size", 0),
