@@ -471,13 +471,18 @@ def split_files(data_dir: Path, train: bool) -> tuple[Path, Path]:
 
 
 def missing_files(data_dir: Path) -> list[str]:
-    return [name for name in MNIST_FILES if not (raw_folder(data_dir) / name).exists()]
+    return [name for name in MNIST_FILES if not (raw_folder(data_dir) / name).is_file()]
 
 
 def download_needed(data_dir: Path) -> bool:
-    """Whether torchvision has files to download; a --data-dir one level off is refused first."""
+    """Whether torchvision has files to download; a --data-dir one level off, or a folder where a
+    file belongs, is refused first."""
     if not missing_files(data_dir):
         return False
+    for name in MNIST_FILES:  # as in Kaggle's copy of MNIST: each file inside a folder of its name
+        if (raw_folder(data_dir) / name).is_dir():
+            raise UserError(f"{raw_folder(data_dir) / name} is a folder, where MNIST's file of that name "
+                            "belongs: put the file itself there, uncompressed")
     for folder in (data_dir, data_dir / "raw"):  # --data-dir naming MNIST/raw/ itself, or MNIST/
         if all((folder / name).is_file() for name in MNIST_FILES):
             if folder.parts[-2:] == ("MNIST", "raw"):
@@ -504,6 +509,8 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
     for path, read in zip(split_files(data_dir, train), (read_image_file, read_label_file)):
         try:  # torchvision's reader names no file: ask each
             read(str(path))
+        except OSError as reading_error:  # e.g. no permission to read it
+            return UserError(f"{path} cannot be read ({reading_error.strerror}); {REFETCH}")
         except (RuntimeError, AssertionError, ValueError, TypeError) as reading_error:
             reason = str(reading_error).split("\n")[0] or "a wrong header"
             return UserError(f"{path} cannot be read: it is truncated, empty or not an MNIST file "

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.datasets import mnist
 
 import train_mnist
 from conftest import (
@@ -111,6 +112,12 @@ def corrupt(raw: Path, how: str) -> str:
     elif how == "empty":
         path = raw / "train-images-idx3-ubyte"
         path.write_bytes(b"")
+    elif how == "a folder in its place":  # as in Kaggle's copy: the file inside a folder of its name
+        path = raw / "t10k-images-idx3-ubyte"
+        content = path.read_bytes()
+        path.unlink()
+        path.mkdir()
+        (path / path.name).write_bytes(content)
     return path.name
 
 
@@ -124,6 +131,8 @@ DAMAGE = {  # how a file is damaged: what the error line says of it, after the f
                        "download them again, or fix --data-dir",
     "wrong image size": f"holds 32x32 images, not 28x28; {REFETCH}",
     "empty": f"{UNREADABLE} (invalid literal for int() with base 16: b''); {REFETCH}",
+    "a folder in its place": "is a folder, where MNIST's file of that name belongs: put the file itself "
+                             "there, uncompressed",
 }
 
 
@@ -138,6 +147,24 @@ def test_damaged_data_is_one_clear_line(tmp_path, how, capsys):
     assert code == 1
     assert one_line_error(capsys) == f"error: {raw / blamed} {DAMAGE[how].format(raw=raw)}"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_data_file_it_may_not_read_is_one_line(tmp_path, capsys, monkeypatch):
+    """A file without read permission (chmod does not stop root, who runs CI: the refusal is made
+    where torchvision opens the file)."""
+    data_dir = write_mnist(tmp_path / "data")
+    denied = data_dir / "MNIST" / "raw" / "train-labels-idx1-ubyte"
+    read_label_file = mnist.read_label_file
+
+    def read_unless_denied(path: str) -> torch.Tensor:
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return read_label_file(path)
+
+    monkeypatch.setattr(mnist, "read_label_file", read_unless_denied)
+    argv = [*UNVALIDATED, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "runs")]
+    assert train_mnist.main(argv) == 1
+    assert one_line_error(capsys) == f"error: {denied} cannot be read (Permission denied); {REFETCH}"
 
 
 @pytest.mark.slow
