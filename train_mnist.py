@@ -503,9 +503,12 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
     raw_dir, missing = raw_folder(data_dir), missing_files(data_dir)
     if missing:  # torchvision's message ends with what its last mirror answered
         answer = (str(error).strip().splitlines() or ["no answer"])[-1].strip("<>")
-        return UserError(f"{', '.join(missing)} missing from {raw_dir}, and the download failed ({answer}). "
-                         f"Put the file{'s' * (len(missing) > 1)} there (uncompressed), or point --data-dir "
-                         "at the folder that holds MNIST/raw/")
+        # Files of other names there: a copy renamed on the way (Kaggle's has train-images.idx3-ubyte).
+        others = sorted(path.name for path in raw_dir.glob("*") if path.name not in MNIST_FILES)
+        there = f" (other files there: {', '.join(others)})" if others else ""
+        return UserError(f"{', '.join(missing)} missing from {raw_dir}{there}, and the download failed "
+                         f"({answer}). Put the file{'s' * (len(missing) > 1)} there (uncompressed), or point "
+                         "--data-dir at the folder that holds MNIST/raw/")
     for path, read in zip(split_files(data_dir, train), (read_image_file, read_label_file)):
         try:  # torchvision's reader names no file: ask each
             read(str(path))

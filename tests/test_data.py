@@ -125,6 +125,19 @@ def test_missing_files_are_listed_in_one_line_with_where_they_belong(tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
+def test_missing_files_beside_a_renamed_copy_name_what_is_there(tmp_path, capsys, download_attempts):
+    """Kaggle's copy of MNIST names its files train-images.idx3-ubyte and so on: one character off."""
+    raw = write_mnist(tmp_path / "data") / "MNIST" / "raw"
+    for name in train_mnist.MNIST_FILES:
+        (raw / name).rename(raw / name.replace("-idx", ".idx"))
+    assert train_mnist.main(["--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 1
+    assert one_line_error(capsys).startswith(
+        f"error: {', '.join(train_mnist.MNIST_FILES)} missing from {raw} (other files there: "
+        "t10k-images.idx3-ubyte, t10k-labels.idx1-ubyte, train-images.idx3-ubyte, train-labels.idx1-ubyte), "
+        "and the download failed (")
+    assert download_attempts()  # it tried, as for any missing file, and the guard refused
+
+
 @pytest.mark.parametrize(("given", "fix"), [("data/MNIST/raw", "give --data-dir {root}/data"),
                                             ("data/MNIST", "give --data-dir {root}/data"),
                                             ("flat", "move them into {root}/flat/MNIST/raw")])
