@@ -882,6 +882,8 @@ def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
             warnings.simplefilter("ignore")
             # weights_only: tensors, numbers, strings and containers; an object that could run code is refused
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:  # the file itself: no permission to read it, say
+        raise UserError(f"{path} cannot be read ({error.strerror})") from None
     except Exception as error:  # torch.load raises many types for a file that is no checkpoint
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UserError(f"{path} cannot be loaded safely, so it is refused ({reason})") from None

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import pickle
@@ -235,6 +236,24 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, flag, capsys):
         assert train_mnist.main([flag, str(path)]) == 1
         assert "cannot be loaded safely" in one_line_error(capsys)
         assert not marker.exists()
+
+
+def test_a_checkpoint_it_may_not_read_is_one_line_that_says_so(tmp_path, capsys, monkeypatch):
+    """A file without read permission is not a file that cannot be loaded safely (chmod does not
+    stop root, who runs CI: the refusal is made where torch.load opens the file)."""
+    denied = tmp_path / "denied.pt"
+    torch.save(fake_checkpoint(train_mnist.MNISTNet().state_dict()), denied)
+    load = torch.load
+
+    def load_unless_denied(path, *args, **kwargs):
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load_unless_denied)
+    for flag in ("--evaluate", "--resume"):
+        assert train_mnist.main([flag, str(denied)]) == 1
+        assert one_line_error(capsys) == f"error: {denied} cannot be read (Permission denied)"
 
 
 def fake_checkpoint(model: dict) -> dict:
