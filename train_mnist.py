@@ -284,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         report(f"error: {error}", every_node=True)
         return 1
+    except PermissionError as error:  # a file or folder this user may not open, wherever it was met
+        report(f"error: {error.filename}: {error.strerror}; fix its permissions, or give another path",
+               every_node=True)
+        return 1
     except Stopped as stopped:
         report(stopped.message())
         return 128 + stopped.signum

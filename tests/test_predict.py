@@ -1,5 +1,7 @@
 """--predict on your own images: real MNIST test digits, saved as files the way a user has them."""
 
+import errno
+import os
 import random
 import re
 import struct
@@ -246,6 +248,21 @@ def test_save_inputs_keeps_one_file_per_image_where_names_repeat(checkpoint, tes
         path = tmp_path / image
         model_saw = train_mnist.mnist_digit(train_mnist.read_grey(path), path).mul(255).round().byte()
         assert np.array_equal(np.asarray(Image.open(seen / name)), model_saw.numpy())
+
+
+def test_a_folder_it_may_not_open_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    """A folder without read permission, wherever the script meets it (chmod does not stop root,
+    who runs CI: the refusal is made where the folder is listed)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+
+    def denied(path: Path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert train_mnist.main(["--predict", str(folder), "--checkpoint", str(checkpoint)]) == 1
+    assert one_line_error(capsys) == (f"error: {folder}: Permission denied; fix its permissions, or give "
+                                      "another path")
 
 
 def test_save_inputs_where_a_file_stands_is_one_line(checkpoint, test_digits, tmp_path, capsys):
