@@ -2,6 +2,7 @@
 and the ways the tests start the script: in-process through main(), or as a real process when
 the process itself is under test (its exit code, its console, its signals, torchrun)."""
 
+import errno
 import itertools
 import json
 import os
@@ -262,6 +263,12 @@ def signal_in_a_later_epoch(process: subprocess.Popen, run_dir: Path, signum: in
         else:
             process.send_signal(signum)
         time.sleep(0.005)
+
+
+def permission_denied(path: object) -> PermissionError:
+    """The error the OS gives a user without permission to open `path`; tests raise it where the
+    script opens a file, since chmod does not stop root, who runs CI."""
+    return PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
 
 def one_line_error(capsys: pytest.CaptureFixture) -> str:

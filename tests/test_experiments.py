@@ -2,7 +2,6 @@
 
 import contextlib
 import csv
-import errno
 import json
 import os
 import pickle
@@ -24,6 +23,7 @@ from conftest import (
     events_of,
     metrics_of,
     one_line_error,
+    permission_denied,
     run_script,
     signal_in_a_later_epoch,
     start_script,
@@ -247,7 +247,7 @@ def test_a_checkpoint_it_may_not_read_is_one_line_that_says_so(tmp_path, capsys,
 
     def load_unless_denied(path, *args, **kwargs):
         if Path(path) == denied:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            raise permission_denied(path)
         return load(path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", load_unless_denied)

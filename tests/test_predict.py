@@ -1,7 +1,5 @@
 """--predict on your own images: real MNIST test digits, saved as files the way a user has them."""
 
-import errno
-import os
 import random
 import re
 import struct
@@ -14,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import train_mnist
-from conftest import one_line_error, train_in_process
+from conftest import one_line_error, permission_denied, train_in_process
 from models import MNISTNet
 
 CPU = torch.device("cpu")
@@ -257,7 +255,7 @@ def test_a_folder_it_may_not_open_is_one_line(checkpoint, tmp_path, capsys, monk
     folder.mkdir()
 
     def denied(path: Path):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        raise permission_denied(path)
 
     monkeypatch.setattr(Path, "iterdir", denied)
     assert train_mnist.main(["--predict", str(folder), "--checkpoint", str(checkpoint)]) == 1

@@ -35,6 +35,7 @@ from conftest import (
     events_of,
     metrics_of,
     one_line_error,
+    permission_denied,
     run_script,
     script_command,
     start_script,
@@ -158,7 +159,7 @@ def test_a_data_file_it_may_not_read_is_one_line(tmp_path, capsys, monkeypatch):
 
     def read_unless_denied(path: str) -> torch.Tensor:
         if Path(path) == denied:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+            raise permission_denied(path)
         return read_label_file(path)
 
     monkeypatch.setattr(mnist, "read_label_file", read_unless_denied)
