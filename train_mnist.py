@@ -481,9 +481,10 @@ def missing_files(data_dir: Path) -> list[str]:
 def download_needed(data_dir: Path) -> bool:
     """Whether torchvision has files to download; a --data-dir one level off, or a folder where a
     file belongs, is refused first."""
-    if not missing_files(data_dir):
+    missing = missing_files(data_dir)
+    if not missing:
         return False
-    for name in MNIST_FILES:  # as in Kaggle's copy of MNIST: each file inside a folder of its name
+    for name in missing:  # a folder counts as missing: Kaggle's copy has each file inside one of its name
         if (raw_folder(data_dir) / name).is_dir():
             raise UserError(f"{raw_folder(data_dir) / name} is a folder, where MNIST's file of that name "
                             "belongs: put the file itself there, uncompressed")
