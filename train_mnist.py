@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import difflib
 import errno
 import hashlib
 import io
@@ -399,9 +400,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
 
 def parse_or_exit(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     try:  # exit_on_error=False, so that stored_flags() can check a checkpoint's flags too
-        return parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except argparse.ArgumentError as error:
         parser.error(str(error))
+    if unknown:  # most often a misspelled flag: name the closest one
+        flags = [f"--{key.replace('_', '-')}" for key in vars(args)]
+        typo = next((arg.partition("=")[0] for arg in unknown if arg.startswith("-")), "")
+        # Close enough that --epoch finds --epochs, and --batchsize --batch-size, but --bs not --jobs.
+        closest = difflib.get_close_matches(typo, flags, n=1, cutoff=0.82)
+        hint = f"did you mean {closest[0]}? " if closest else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}; {hint}--help lists every flag")
+    return args
 
 
 def named_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict | None:
