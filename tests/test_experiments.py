@@ -474,12 +474,14 @@ def test_a_parallel_sweep_gives_the_rows_of_a_sequential_one_and_survives_a_fail
            "diverged" in forked.stderr and "Traceback" not in forked.stdout + forked.stderr
     # On macOS and Windows, or on a GPU: a new `python train_mnist.py` per point.
     monkeypatch.setattr(train_mnist.sys, "platform", "darwin")
+    capsys.readouterr()  # the sweep in turn's output
     start_methods, get_context = [], train_mnist.multiprocessing.get_context
     monkeypatch.setattr(train_mnist.multiprocessing, "get_context",
                         lambda method: start_methods.append(method) or get_context(method))
     assert train_mnist.main([*grid, "--log-dir", str(tmp_path / "new processes"), "--jobs", "2"]) == 0
     out, err = capsys.readouterr()
-    assert "=== Sweep run 4/4: " in err and "Traceback" not in out + err and start_methods == ["spawn"]
+    assert "=== Sweep run 4/4 (lr=1000000.0" in err and "Traceback" not in out + err
+    assert start_methods == ["spawn"]
 
     sequential = {(row["lr"], row["batch_size"]): row for row in sweep_table(tmp_path / "in turn")}
     for way in ("forked", "new processes"):
