@@ -409,6 +409,8 @@ def parse_or_exit(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
         # Close enough that --epoch finds --epochs, and --batchsize --batch-size, but --bs not --jobs.
         closest = difflib.get_close_matches(typo, flags, n=1, cutoff=0.82)
         hint = f"did you mean {closest[0]}? " if closest else ""
+        if any(arg.startswith(("–", "—")) for arg in unknown):  # a command copied from slides or a document
+            hint = "type '--' where it shows a dash (–): a text editor turned the two into one; "
         parser.error(f"unrecognized arguments: {' '.join(unknown)}; {hint}--help lists every flag")
     return args
 
