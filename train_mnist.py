@@ -419,8 +419,10 @@ def named_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """The checkpoint of --resume, --evaluate (a run folder: the weights it tested) or --predict."""
     if sum(map(bool, (args.resume, args.evaluate, args.predict))) > 1:
         parser.error("--resume, --evaluate and --predict exclude each other")
-    if bool(args.predict) != bool(args.checkpoint) or (args.save_inputs and not args.predict):
-        parser.error("--predict needs --checkpoint (and --checkpoint and --save-inputs need --predict)")
+    if args.predict and not args.checkpoint:
+        parser.error("--predict needs --checkpoint, the model that reads the images: a run, e.g. runs/NAME")
+    if (args.checkpoint or args.save_inputs) and not args.predict:
+        parser.error("--checkpoint and --save-inputs go with --predict (to test a run: --evaluate runs/NAME)")
     if args.predict:
         return load_checkpoint(args.checkpoint, in_run_dir="best.pt")
     if args.evaluate:

@@ -206,9 +206,14 @@ def test_each_bad_image_is_one_line_and_the_others_are_still_read(checkpoint, te
 
 
 def test_predict_needs_a_checkpoint_and_writes_nothing(checkpoint, test_digits, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_mnist.parse_args(["--predict", "x.png"])
-    assert exit_info.value.code == 2 and "--predict needs --checkpoint" in capsys.readouterr().err
+    for argv, error in ((["--predict", "x.png"], "--predict needs --checkpoint, the model that reads the "
+                         "images: a run, e.g. runs/NAME"),
+                        (["--checkpoint", "runs/x"], "--checkpoint and --save-inputs go with --predict (to "
+                         "test a run: --evaluate runs/NAME)"),
+                        (["--save-inputs", "seen"], "--checkpoint and --save-inputs go with --predict")):
+        with pytest.raises(SystemExit) as exit_info:
+            train_mnist.parse_args(argv)
+        assert exit_info.value.code == 2 and f"error: {error}" in capsys.readouterr().err
     image = tmp_path / "digit.png"
     Image.fromarray(test_digits.raw[2].numpy()).save(image)
     before = sorted(path for path in checkpoint.parent.rglob("*"))
