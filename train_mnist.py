@@ -891,9 +891,12 @@ def save_checkpoint(state: dict, model_without_ddp: MNISTNet, optimizer: torch.o
 
 def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
     """A checkpoint, or a run folder's checkpoints/<in_run_dir>, loaded without running any code."""
-    path = path / "checkpoints" / in_run_dir if path.is_dir() else path
+    folder, path = path, path / "checkpoints" / in_run_dir if path.is_dir() else path
     if not path.is_file():
-        raise UserError(f"no checkpoint at {path}; give a .pt file, or a run folder with "
+        # --log-dir itself given (runs, not runs/NAME): name its latest run.
+        runs = sorted(folder.glob(f"*/checkpoints/{in_run_dir}"), key=lambda found: found.stat().st_mtime)
+        latest = f" ({folder} is a folder of runs; the latest is {runs[-1].parent.parent})" if runs else ""
+        raise UserError(f"no checkpoint at {path}{latest}; give a .pt file, or a run folder with "
                         f"checkpoints/{in_run_dir}")
     try:
         with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file

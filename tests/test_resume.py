@@ -236,6 +236,21 @@ def test_a_checkpoint_outside_its_run_folder_is_refused_and_evaluate_tests_it(fi
     assert f"Test accuracy: {metrics_of(finished_run)['test_accuracy']:.4f}" in capsys.readouterr().out
 
 
+def test_the_log_dir_given_for_a_run_names_its_latest_run(finished_run, tmp_path, capsys):
+    """`--evaluate runs` for `--evaluate runs/NAME`: the line names the run to give."""
+    older = tmp_path / "earlier"
+    shutil.copytree(finished_run, older)
+    for path in older.rglob("*.pt"):
+        os.utime(path, (0, 0))
+    for argv in (["--evaluate", str(tmp_path)], ["--resume", str(tmp_path)],
+                 ["--predict", "digit.png", "--checkpoint", str(tmp_path)]):
+        assert train_mnist.main(argv) == 1
+        name = "best.pt" if "--predict" in argv else "last.pt"
+        assert one_line_error(capsys) == (
+            f"error: no checkpoint at {tmp_path / 'checkpoints' / name} ({tmp_path} is a folder of runs; "
+            f"the latest is {finished_run}); give a .pt file, or a run folder with checkpoints/{name}")
+
+
 @pytest.mark.parametrize("part", ["best_model", "optimizer", "history"])
 def test_a_checkpoint_missing_part_of_its_state_is_one_line(finished_run, capsys, part):
     path = finished_run / "checkpoints" / "last.pt"
