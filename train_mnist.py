@@ -404,13 +404,14 @@ def parse_or_exit(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.
     except argparse.ArgumentError as error:
         parser.error(str(error))
     if unknown:  # most often a misspelled flag: name the closest one
-        flags = [f"--{key.replace('_', '-')}" for key in vars(args)]
-        typo = next((arg.partition("=")[0] for arg in unknown if arg.startswith("-")), "")
-        # Close enough that --epoch finds --epochs, and --batchsize --batch-size, but --bs not --jobs.
-        closest = difflib.get_close_matches(typo, flags, n=1, cutoff=0.82)
-        hint = f"did you mean {closest[0]}? " if closest else ""
         if any(arg.startswith(("–", "—")) for arg in unknown):  # a command copied from slides or a document
             hint = "type '--' where it shows a dash (–): a text editor turned the two into one; "
+        else:
+            flags = [f"--{key.replace('_', '-')}" for key in vars(args)]
+            typo = next((arg.partition("=")[0] for arg in unknown if arg.startswith("-")), "")
+            # Close enough that --epoch finds --epochs, and --batchsize --batch-size, but --bs not --jobs.
+            closest = difflib.get_close_matches(typo, flags, n=1, cutoff=0.82)
+            hint = f"did you mean {closest[0]}? " if closest else ""
         parser.error(f"unrecognized arguments: {' '.join(unknown)}; {hint}--help lists every flag")
     return args
 
@@ -891,11 +892,13 @@ def save_checkpoint(state: dict, model_without_ddp: MNISTNet, optimizer: torch.o
 
 def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
     """A checkpoint, or a run folder's checkpoints/<in_run_dir>, loaded without running any code."""
-    folder, path = path, path / "checkpoints" / in_run_dir if path.is_dir() else path
+    given = path  # a checkpoint, a run folder, or by mistake the folder of runs
+    path = path / "checkpoints" / in_run_dir if path.is_dir() else path
     if not path.is_file():
         # --log-dir itself given (runs, not runs/NAME): name its latest run.
-        runs = sorted(folder.glob(f"*/checkpoints/{in_run_dir}"), key=lambda found: found.stat().st_mtime)
-        latest = f" ({folder} is a folder of runs; the latest is {runs[-1].parent.parent})" if runs else ""
+        newest = max(given.glob(f"*/checkpoints/{in_run_dir}"), key=lambda found: found.stat().st_mtime,
+                     default=None)
+        latest = f" ({given} is a folder of runs; the latest is {newest.parent.parent})" if newest else ""
         raise UserError(f"no checkpoint at {path}{latest}; give a .pt file, or a run folder with "
                         f"checkpoints/{in_run_dir}")
     try:
