@@ -190,8 +190,8 @@ class Mirror(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture
 def mirrors(tmp_path, monkeypatch) -> list[str]:
-    """MNIST's mirrors served on loopback: one lacks the files, one serves a damaged copy, one is
-    right. Returns the list of the paths asked for."""
+    """MNIST's mirrors served on loopback: the first lacks the files, the second has them (a third
+    site, /damaged/, serves copies that fail their checksums). Returns the list of the paths asked for."""
     published = write_mnist(tmp_path / "published") / "MNIST" / "raw"
     for folder in ("good", "damaged"):
         (tmp_path / "site" / folder).mkdir(parents=True)
@@ -209,20 +209,33 @@ def mirrors(tmp_path, monkeypatch) -> list[str]:
         ("127.0.0.1", 0), functools.partial(Mirror, asked=asked, directory=str(tmp_path / "site")))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
-    monkeypatch.setattr(MNIST, "mirrors", [f"{base}/missing/", f"{base}/damaged/", f"{base}/good/"])
+    monkeypatch.setattr(MNIST, "mirrors", [f"{base}/missing/", f"{base}/good/"])
     yield asked
     server.shutdown()
     server.server_close()
 
 
-def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them_whole(tmp_path, mirrors):
+def test_missing_files_are_downloaded_from_the_first_mirror_that_has_them(tmp_path, mirrors):
     assert train_mnist.main(["--epochs", "1", "--num-embeddings", "0", "--device", "cpu", "--val-size", "0",
                              "--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 0
     raw = tmp_path / "data" / "MNIST" / "raw"
     for name in train_mnist.MNIST_FILES:
         assert (raw / name).read_bytes() == (tmp_path / "published" / "MNIST" / "raw" / name).read_bytes()
         assert {path for path in mirrors if path.endswith(f"/{name}.gz")} == {
-            f"/{site}/{name}.gz" for site in ("missing", "damaged", "good")}
+            f"/{site}/{name}.gz" for site in ("missing", "good")}
+
+
+def test_a_download_that_fails_its_checksum_is_refused(tmp_path, mirrors, monkeypatch, capsys):
+    """torchvision checks each download's MD5: a damaged copy is never read as MNIST."""
+    monkeypatch.setattr(MNIST, "mirrors", [MNIST.mirrors[0].replace("/missing/", "/damaged/")])
+    assert train_mnist.main(["--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 1
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    assert one_line_error(capsys) == (
+        f"error: {', '.join(train_mnist.MNIST_FILES)} missing from {raw} (other files there: "
+        "train-images-idx3-ubyte.gz), and the download failed (File not found or corrupted.). Put the files "
+        "there (uncompressed), or point --data-dir at the folder that holds MNIST/raw/")
+    assert set(mirrors) == {"/damaged/train-images-idx3-ubyte.gz"}  # refused at the first file
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

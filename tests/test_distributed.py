@@ -151,7 +151,7 @@ def test_one_process_run_goes_on_in_two_stops_on_ctrl_c_and_resumes_in_one(tmp_p
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode != 0
-    assert f"Resume with: python train_mnist.py --resume {run_dir}" in err
+    assert f"Resume with: python train_mnist.py --resume {run_dir}" in err, err[-3000:]
     # torchrun itself reports the signal with a traceback of its own; the workers show none
     assert 'train_mnist.py", line' not in err
     stopped = len(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"])
