@@ -123,7 +123,11 @@ class Split(NamedTuple):
 def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool = False) -> Split:
     """The training or the test split, read once: torchvision downloads the files if they are
     missing, and checks and reads them."""
-    from torchvision.datasets import MNIST  # imported here, where it is needed: --help stays fast
+    try:  # imported here, where it is needed: --help stays fast
+        from torchvision.datasets import MNIST
+    except (ImportError, OSError, RuntimeError) as error:  # most often a torchvision built for another torch
+        raise UserError(f"torchvision does not load beside torch {torch.__version__} ({error}): install the "
+                        "two together, from the same index, as the README's Install shows") from None
 
     with main_process_first():  # under torchrun only process 0 downloads; the others wait for it
         try:

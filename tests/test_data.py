@@ -5,8 +5,10 @@ import gzip
 import hashlib
 import http.server
 import io
+import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +256,27 @@ def test_a_parallel_sweep_downloads_mnist_once(tmp_path, mirrors, monkeypatch):
     with contextlib.redirect_stdout(io.StringIO()):
         MNIST(tmp_path / "once", download=True)
     assert asked_by_the_sweep == collections.Counter(mirrors)  # what one download asks
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("operator torchvision::nms does not exist"),
+                                     ImportError("No module named 'torchvision'")],
+                         ids=["another build", "none"])
+def test_a_torchvision_that_does_not_load_is_one_line(tmp_path, capsys, monkeypatch, failure):
+    """A torchvision built for another torch (from PyPI beside torch's CPU build, say) fails as
+    it loads its operators: the line names the torch it met and how to install the pair."""
+    def fail(name):
+        raise failure
+
+    broken = types.ModuleType("torchvision.datasets")
+    broken.__getattr__ = fail  # `from torchvision.datasets import MNIST` raises as the real import did
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", broken)
+    data_dir = write_mnist(tmp_path / "data")
+    for flags in ([], ["--evaluate", str(write_checkpoint(tmp_path))]):
+        assert train_mnist.main([*flags, "--data-dir", str(data_dir), "--log-dir", str(tmp_path / "r")]) == 1
+        assert one_line_error(capsys) == (
+            f"error: torchvision does not load beside torch {torch.__version__} ({failure}): install the two "
+            "together, from the same index, as the README's Install shows")
+    assert not (tmp_path / "r").exists()
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path):
