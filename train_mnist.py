@@ -123,11 +123,7 @@ class Split(NamedTuple):
 def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool = False) -> Split:
     """The training or the test split, read once: torchvision downloads the files if they are
     missing, and checks and reads them."""
-    try:  # imported here, where it is needed: --help stays fast
-        from torchvision.datasets import MNIST
-    except (ImportError, OSError, RuntimeError) as error:  # most often a torchvision built for another torch
-        raise UserError(f"torchvision does not load beside torch {torch.__version__} ({error}): install the "
-                        "two together, from the same index, as the README's Install shows") from None
+    MNIST = import_mnist()  # torchvision's dataset, imported here, where it is needed: --help stays fast
 
     with main_process_first():  # under torchrun only process 0 downloads; the others wait for it
         try:
@@ -479,6 +475,17 @@ VALIDATION_SEED = 0  # chooses the --val-size held-out images: the same ones for
 
 class UserError(Exception):
     """Something the user can fix: main() prints it as one line and exits with code 1."""
+
+
+def import_mnist() -> type:
+    """torchvision.datasets.MNIST; a torchvision built for another torch (PyPI's, beside torch's
+    CPU-only build) fails as it loads: one line that says how to install the pair."""
+    try:
+        from torchvision.datasets import MNIST
+    except (ImportError, OSError, RuntimeError) as error:
+        raise UserError(f"torchvision does not load beside torch {torch.__version__} ({error}): install the "
+                        "two together, from the same index, as the README's Install shows") from None
+    return MNIST
 
 
 def raw_folder(data_dir: Path) -> Path:
