@@ -33,6 +33,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import re
 import shlex
 import subprocess
 import threading
@@ -917,11 +918,13 @@ def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
             warnings.simplefilter("ignore")
             # weights_only: tensors, numbers, strings and containers; an object that could run code is refused
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as error:  # the file itself: no permission to read it, say
+    except PermissionError as error:  # torch.load reports a damaged file as other OSErrors too
         raise UserError(f"{path} cannot be read ({error.strerror})") from None
     except Exception as error:  # torch.load raises many types for a file that is no checkpoint
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise UserError(f"{path} cannot be loaded safely, so it is refused ({reason})") from None
+        stored = re.search(r"GLOBAL (\S+)", str(error))  # a function torch.save stored, which it refuses
+        reason = (f"it holds {stored[1]}, code that would run as it loads" if stored
+                  else "it is empty, truncated, or not a file that torch.save wrote")
+        raise UserError(f"{path} cannot be loaded safely, so it is refused: {reason}") from None
     if not isinstance(checkpoint, dict) or {"model", "config"} - checkpoint.keys():
         raise UserError(f"{path} is not a train_mnist.py checkpoint (it lacks the model or the config)")
     return checkpoint | {"path": path}

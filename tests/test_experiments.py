@@ -232,9 +232,13 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, flag, capsys):
         pickle.dump({"model": RunsCodeWhenUnpickled(marker)}, file)
     torch_saved = tmp_path / "evil-torch.pt"
     torch.save({"model": RunsCodeWhenUnpickled(marker)}, torch_saved)
-    for path in (evil, torch_saved):
+    # torch names the function that torch.save stored; a raw pickle fails on its first unknown opcode.
+    function = f"{os.mkdir.__module__}.mkdir"
+    for path, reason in ((evil, "not a file that torch.save wrote"), (torch_saved, f"it holds {function}")):
         assert train_mnist.main([flag, str(path)]) == 1
-        assert "cannot be loaded safely" in one_line_error(capsys)
+        line = one_line_error(capsys)
+        assert line.startswith(f"error: {path} cannot be loaded safely, so it is refused: "), line
+        assert reason in line and "\x1b" not in line, line  # torch's advice carries terminal escapes
         assert not marker.exists()
 
 
@@ -268,7 +272,15 @@ def test_unusable_checkpoints_are_clear_errors(tmp_path, capsys):
     other_net = tmp_path / "other.pt"
     wrong_shapes = {key: torch.zeros(1) for key in train_mnist.MNISTNet().state_dict()}
     torch.save(fake_checkpoint(wrong_shapes), other_net)
-    cases = [(garbage, "cannot be loaded safely"), (tensor_only, "not a train_mnist.py checkpoint"),
+    empty, text = tmp_path / "empty.pt", tmp_path / "notes.pt"
+    empty.touch()
+    text.write_text("not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    torch.save(fake_checkpoint(train_mnist.MNISTNet().state_dict()), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    unreadable = "so it is refused: it is empty, truncated, or not a file that torch.save wrote"
+    cases = [(garbage, unreadable), (empty, unreadable), (text, unreadable), (truncated, unreadable),
+             (tensor_only, "not a train_mnist.py checkpoint"),
              (tmp_path / "missing.pt", "no checkpoint at"), (other_net, "different network")]
     data_flags = ["--data-dir", str(write_mnist(tmp_path / "d")), "--log-dir", str(tmp_path / "runs"),
                   "--device", "cpu", "--val-size", "0"]
