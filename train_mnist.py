@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr-decay", type=bounded(float, 0, 1), default=0.5, help="share of the steps where the rate falls")
     add("--seed", type=bounded(int, 0, 2**64 - 1), default=1, help="seed of the weights and the batch order")
     add("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="repeatable on GPUs")
-    add("--device", type=available_device, default="auto", help="auto, cpu, cuda or mps (auto: the fastest)")
+    add("--device", type=available_device, default="auto", help="auto (the fastest), cpu, cuda[:N] or mps")
     add("--patience", type=bounded(int, 0), default=0, metavar="K", help="stop after K epochs without gain")
     add("--test-batch-size", type=bounded(int, 1), default=1000, metavar="N", help="images per test batch")
     add = parser.add_argument_group("data").add_argument
@@ -367,13 +367,18 @@ def typed(path: Path) -> str:
 
 
 def available_device(name: str) -> torch.device:
+    """--device: auto, cpu, cuda (cuda:N, the GPU of index N) or mps, if this machine has it."""
     has_mps = torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{name!r} is not one of auto, cpu, cuda, mps")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not has_mps):
-        raise argparse.ArgumentTypeError(f"this machine has no usable {name.upper()}; use --device cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not has_mps):
+        raise argparse.ArgumentTypeError(f"this machine has no usable {kind.upper()}; use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"this machine has no {name}: its GPUs are cuda:0 to "
+                                         f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
@@ -1204,12 +1209,13 @@ def stopped_row(stopped: "Stopped") -> dict:
 def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device: torch.device,
                      jobs: int) -> None:
     """--jobs N: N points at once, each in a worker process with its share of the CPU cores (one
-    GPU each, in turn, with several). On Linux's CPU the workers are forks of this process, which
-    has torch loaded already. Elsewhere they start anew: CUDA does not survive a fork, Windows
-    has none, and macOS's system libraries make it unsafe (Python's default there is spawn)."""
+    GPU each, in turn, with several, unless --device names one). On Linux's CPU the workers are
+    forks of this process, which has torch loaded already. Elsewhere they start anew: CUDA does
+    not survive a fork, Windows has none, and macOS's system libraries make it unsafe (Python's
+    default there is spawn)."""
     fork = device.type == "cpu" and sys.platform == "linux"
     torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # imports torch._dynamo once here, for every fork
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    gpus = torch.cuda.device_count() if device.type == "cuda" and device.index is None else 0
     threads = max(1, (os.cpu_count() or 1) // jobs)
     report(f"=== Sweep of {len(points)} runs, {jobs} at a time, each reported as it ends. Watch them learn: "
            f"tensorboard --logdir {typed(points[0].log_dir)}")

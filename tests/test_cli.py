@@ -134,9 +134,30 @@ def test_an_unknown_flag_is_a_usage_error_naming_the_closest_flag(argv, unknown,
 def test_missing_cuda_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
-        parse(["--device", "cuda"])
+        parse(["--device", "cuda:0"])
     assert exit_info.value.code == 2
     assert "argument --device: this machine has no usable CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("name", "device"), [("cuda", "cuda"), ("cuda:0", "cuda:0"), ("cuda:1", "cuda:1")])
+def test_a_gpu_is_named_as_torch_names_it(monkeypatch, name, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse(["--device", name]).device == torch.device(device)
+
+
+@pytest.mark.parametrize(("name", "error"), [
+    ("cuda:2", "this machine has no cuda:2: its GPUs are cuda:0 to cuda:1"),
+    ("cuda:x", "'cuda:x' is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("cpu:0", "'cpu:0' is not one of auto, cpu, cuda, cuda:N, mps"),
+])
+def test_a_gpu_this_machine_lacks_is_a_usage_error(monkeypatch, capsys, name, error):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["--device", name])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"argument --device: {error}")
 
 
 def test_parsed_flags_are_not_changed_afterwards(tmp_path, synthetic_data):
