@@ -371,15 +371,16 @@ def available_device(name: str) -> torch.device:
     has_mps = torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+    if not re.fullmatch(r"cpu|mps|cuda(:(0|[1-9][0-9]*))?", name):  # as torch.device reads them
         raise argparse.ArgumentTypeError(f"{name!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    device = torch.device(name)
+    kind = device.type
     if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not has_mps):
         raise argparse.ArgumentTypeError(f"this machine has no usable {kind.upper()}; use --device cpu")
-    if index and int(index) >= torch.cuda.device_count():
+    if device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"this machine has no {name}: its GPUs are cuda:0 to "
                                          f"cuda:{torch.cuda.device_count() - 1}")
-    return torch.device(name)
+    return device
 
 
 def with_dashes(argv: list[str]) -> list[str]:

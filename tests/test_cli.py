@@ -149,6 +149,8 @@ def test_a_gpu_is_named_as_torch_names_it(monkeypatch, name, device):
 @pytest.mark.parametrize(("name", "error"), [
     ("cuda:2", "this machine has no cuda:2: its GPUs are cuda:0 to cuda:1"),
     ("cuda:x", "'cuda:x' is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("cuda:", "'cuda:' is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("cuda:01", "'cuda:01' is not one of auto, cpu, cuda, cuda:N, mps"),  # torch.device refuses it too
     ("cpu:0", "'cpu:0' is not one of auto, cpu, cuda, cuda:N, mps"),
 ])
 def test_a_gpu_this_machine_lacks_is_a_usage_error(monkeypatch, capsys, name, error):
