@@ -1334,7 +1334,6 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
     restore_model(net, checkpoint)
     failed = 0
     images = []
-    saved: set[str] = set()  # the names of the --save-inputs files written so far
     for path in paths:  # a folder means the images in it
         if not path.is_dir():
             images.append(path)
@@ -1354,7 +1353,7 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
         if save_inputs:  # what the model sees
             png = io.BytesIO()
             Image.fromarray(digit.mul(255).round().byte().numpy()).save(png, "PNG")
-            atomic_write(save_inputs / input_name(path, saved), png.getvalue(), flag="--save-inputs")
+            atomic_write(input_file(path, save_inputs), png.getvalue(), flag="--save-inputs")
         with torch.no_grad():
             probabilities, digits = net(normalize(digit[None].to(device) * 255)).softmax(dim=1)[0].topk(3)
         likeliest = [f"{digit} ({p:.1%})" for p, digit in zip(probabilities.tolist(), digits.tolist())]
@@ -1362,15 +1361,15 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
     return 1 if failed else 0
 
 
-def input_name(path: Path, taken: set[str]) -> str:
-    """--save-inputs' file for an image: its name as PNG, with _2, _3... where an earlier one took it
-    (a.jpg beside a.png, or 1.png in two folders)."""
-    name, number = f"{path.stem}.png", 1
-    while name in taken:
+def input_file(path: Path, folder: Path) -> Path:
+    """--save-inputs' file for an image: its name as PNG, with _2, _3... where a file of that name
+    exists (the photo itself, a.png beside a.jpg, 1.png of two folders, an earlier run's): none
+    is overwritten."""
+    file, number = folder / f"{path.stem}.png", 1
+    while file.exists():
         number += 1
-        name = f"{path.stem}_{number}.png"
-    taken.add(name)
-    return name
+        file = folder / f"{path.stem}_{number}.png"
+    return file
 
 
 def read_grey(path: Path) -> torch.Tensor:

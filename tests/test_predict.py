@@ -253,6 +253,23 @@ def test_save_inputs_keeps_one_file_per_image_where_names_repeat(checkpoint, tes
         assert np.array_equal(np.asarray(Image.open(seen / name)), model_saw.numpy())
 
 
+def test_save_inputs_never_overwrites_a_file(checkpoint, test_digits, tmp_path, capsys):
+    """--save-inputs into the photos' own folder: the photo a.png stays as it was, and a second
+    run keeps the first run's file."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo_of(test_digits.raw[0].numpy(), random.Random(0)).save(photos / "a.png")
+    photo = (photos / "a.png").read_bytes()
+    for _ in range(2):
+        code, _, errors = predictions(capsys, "--predict", str(photos / "a.png"), "--checkpoint",
+                                      str(checkpoint), "--save-inputs", str(photos))
+        assert code == 0 and errors == []
+    assert (photos / "a.png").read_bytes() == photo
+    assert sorted(file.name for file in photos.iterdir()) == ["a.png", "a_2.png", "a_3.png"]
+    assert Image.open(photos / "a_2.png").size == (28, 28)
+    assert (photos / "a_2.png").read_bytes() == (photos / "a_3.png").read_bytes()
+
+
 def test_a_folder_it_may_not_open_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     """A folder without read permission, wherever the script meets it (chmod does not stop root,
     who runs CI: the refusal is made where the folder is listed)."""
