@@ -979,6 +979,9 @@ def resume(checkpoint: dict, model_without_ddp: MNISTNet, optimizer: torch.optim
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError):
         raise UserError(f"{checkpoint['path']} lacks part of the training state, so it cannot be resumed; "
                         "--evaluate can still test it") from None
+    if args.epochs < len(history):  # --epochs counts them all
+        raise UserError(f"run {run_dir} has trained {len(history)} epochs already, more than --epochs "
+                        f"{args.epochs}; give --epochs {len(history)} or more")
     for group in optimizer.param_groups:  # the saved state brought back the old values
         group.update(lr=args.lr, initial_lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                      weight_decay=args.weight_decay)

@@ -307,6 +307,23 @@ def test_resuming_an_earlier_checkpoint_of_a_finished_run_rewrites_what_came_aft
     assert "00003/" not in projector and 'tensor_path: "00004/train features/tensors.tsv"' in projector
 
 
+def test_fewer_epochs_than_a_stopped_run_has_trained_are_refused(tmp_path, synthetic_data, ctrl_c_in_epoch,
+                                                                  capsys):
+    """--epochs counts every epoch of the run: fewer than it has trained cannot finish it."""
+    ctrl_c_in_epoch(3)
+    argv = [*CONSTANT_LR, "--epochs", "3", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path)]
+    assert train_mnist.main([*argv, "--run-name", "run"]) == 130
+    run_dir = tmp_path / "run"
+    config = (run_dir / "config.json").read_text()
+    capsys.readouterr()
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "1"]) == 1
+    assert one_line_error(capsys) == (f"error: run {run_dir} has trained 2 epochs already, more than "
+                                      "--epochs 1; give --epochs 2 or more")
+    assert (run_dir / "config.json").read_text() == config and not (run_dir / "metrics.json").exists()
+    assert train_mnist.main(["--resume", str(run_dir), "--epochs", "2"]) == 0  # tests the epochs it has
+    assert metrics_of(run_dir)["epochs"] == 2
+
+
 def test_training_a_finished_run_longer_records_what_changed(tmp_path, synthetic_data):
     run_dir = train_in_process(synthetic_data, tmp_path, "run", *CONSTANT_LR, "--epochs", "1",
                                "--num-embeddings", "8")
