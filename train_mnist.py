@@ -1131,6 +1131,16 @@ def atomic_write(path: Path, content: bytes, flag: str = "--log-dir") -> None:
             temporary.unlink()
 
 
+def free_path(folder: Path, stem: str, suffix: str) -> Path:
+    """folder/<stem><suffix>, or <stem>_2, _3... where a file of that name exists: a new file never
+    replaces one (a photo beside its --save-inputs, an earlier sweep's table of the same second)."""
+    path, number = folder / f"{stem}{suffix}", 1
+    while path.exists():
+        number += 1
+        path = folder / f"{stem}_{number}{suffix}"
+    return path
+
+
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
 
@@ -1172,7 +1182,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
         ranked_by = "validation_accuracy" if args.val_size else "test_accuracy"  # not the test set, if it can
         rows.sort(key=lambda row: -1 if row[ranked_by] is None else row[ranked_by], reverse=True)
         if MAIN_PROCESS:
-            write_sweep_table(rows, args.log_dir / f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}.csv")
+            ended = f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            write_sweep_table(rows, free_path(args.log_dir, ended, ".csv"))
 
 
 def sweep_row(status: str, metrics: dict | None = None) -> dict:
@@ -1356,23 +1367,12 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
         if save_inputs:  # what the model sees
             png = io.BytesIO()
             Image.fromarray(digit.mul(255).round().byte().numpy()).save(png, "PNG")
-            atomic_write(input_file(path, save_inputs), png.getvalue(), flag="--save-inputs")
+            atomic_write(free_path(save_inputs, path.stem, ".png"), png.getvalue(), flag="--save-inputs")
         with torch.no_grad():
             probabilities, digits = net(normalize(digit[None].to(device) * 255)).softmax(dim=1)[0].topk(3)
         likeliest = [f"{digit} ({p:.1%})" for p, digit in zip(probabilities.tolist(), digits.tolist())]
         print(f"{path}: {likeliest[0]}, then {likeliest[1]}, {likeliest[2]}")
     return 1 if failed else 0
-
-
-def input_file(path: Path, folder: Path) -> Path:
-    """--save-inputs' file for an image: its name as PNG, with _2, _3... where a file of that name
-    exists (the photo itself, a.png beside a.jpg, 1.png of two folders, an earlier run's): none
-    is overwritten."""
-    file, number = folder / f"{path.stem}.png", 1
-    while file.exists():
-        number += 1
-        file = folder / f"{path.stem}_{number}.png"
-    return file
 
 
 def read_grey(path: Path) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import datetime
 import json
 import os
 import pickle
@@ -323,6 +324,25 @@ def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data,
         assert float(row["validation_accuracy"]) == round(metrics["best_validation_accuracy"], 4)
     out = capsys.readouterr().out
     assert "Sweep results, best first" in out and rows[0]["run_dir"] in out
+
+
+def test_two_sweeps_ending_in_the_same_second_keep_both_tables(tmp_path, synthetic_data, monkeypatch):
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 1, 10, 15, 0, tzinfo=tz)
+
+    monkeypatch.setattr(train_mnist.datetime, "datetime", Frozen)
+    for lrs in (["0.05", "0.01"], ["0.02", "0.03"]):
+        argv = [*QUICK_VALIDATED, "--lr", *lrs, "--epochs", "1", "--data-dir", str(synthetic_data),
+                "--log-dir", str(tmp_path / "runs")]
+        assert train_mnist.main(argv) == 0
+    tables = {}
+    for table in sorted((tmp_path / "runs").glob("sweep-*.csv")):
+        with open(table) as file:
+            tables[table.name] = {row["lr"] for row in csv.DictReader(file)}
+    assert tables == {"sweep-20261201-101500.csv": {"0.05", "0.01"},
+                      "sweep-20261201-101500_2.csv": {"0.02", "0.03"}}
 
 
 def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data):
