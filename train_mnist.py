@@ -179,8 +179,11 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: L
     model.train()
     # The losses stay on the device, read every LOSS_EVERY steps: a GPU would wait for an .item().
     step_losses, step_lrs = torch.zeros(len(loader), device=loader.labels.device), []
-    with tqdm(loader, desc=title, unit="batch", dynamic_ncols=True, disable=not MAIN_PROCESS) as bar:
-        for step, (images, labels) in enumerate(bar):
+    # The bar is moved by hand, not wrapped around the loader: Python ignores an exception raised
+    # while it cleans up a generator, so tqdm's would swallow a Ctrl-C that lands there.
+    with tqdm(total=len(loader), desc=title, unit="batch", dynamic_ncols=True,
+              disable=not MAIN_PROCESS) as bar:
+        for step, (images, labels) in enumerate(loader):
             loss = loss_fn(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -188,6 +191,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: L
             optimizer.step()
             scheduler.step()
             step_losses[step] = loss.detach()
+            bar.update()
             if step % LOSS_EVERY == LOSS_EVERY - 1:
                 recent_loss = mean_over_processes(step_losses[step + 1 - LOSS_EVERY:step + 1].mean()).item()
                 bar.set_postfix(loss=f"{recent_loss:.4f}")
