@@ -1186,8 +1186,8 @@ def sweep(args: argparse.Namespace, device: torch.device) -> None:
         ranked_by = "validation_accuracy" if args.val_size else "test_accuracy"  # not the test set, if it can
         rows.sort(key=lambda row: -1 if row[ranked_by] is None else row[ranked_by], reverse=True)
         if MAIN_PROCESS:
-            ended = f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-            write_sweep_table(rows, free_path(args.log_dir, ended, ".csv"))
+            stem = f"sweep-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            write_sweep_table(rows, free_path(args.log_dir, stem, ".csv"))
 
 
 def sweep_row(status: str, metrics: dict | None = None) -> dict:
