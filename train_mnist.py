@@ -125,7 +125,6 @@ def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool =
     """The training or the test split, read once: torchvision downloads the files if they are
     missing, and checks and reads them."""
     MNIST = import_mnist()  # torchvision's dataset, imported here, where it is needed: --help stays fast
-
     with main_process_first():  # under torchrun only process 0 downloads; the others wait for it
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # its download messages; ours is one line
@@ -179,8 +178,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: L
     model.train()
     # The losses stay on the device, read every LOSS_EVERY steps: a GPU would wait for an .item().
     step_losses, step_lrs = torch.zeros(len(loader), device=loader.labels.device), []
-    # The bar is moved by hand, not wrapped around the loader: Python ignores an exception raised
-    # while it cleans up a generator, so tqdm's would swallow a Ctrl-C that lands there.
+    # The bar is moved by hand: wrapped around the loader, its generator's cleanup could swallow a Ctrl-C.
     with tqdm(total=len(loader), desc=title, unit="batch", dynamic_ncols=True,
               disable=not MAIN_PROCESS) as bar:
         for step, (images, labels) in enumerate(loader):
@@ -222,8 +220,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
     train_set = load_split(args.data_dir, True, device, args.verify_data)
     test_set = load_split(args.data_dir, False, device, args.verify_data)
     train_set, validation_set = hold_out(train_set, args.val_size)
-    # Each epoch is scored on the validation set, which chooses best.pt; without one (--val-size
-    # 0), on the test set, as the course does.
+    # Each epoch is scored on the validation set, which chooses best.pt (without one: the test set).
     monitor, monitored = ("validation", validation_set) if validation_set else ("test", test_set)
     train_loader = DeviceLoader(train_set, args.batch_size, shuffle=True, seed=args.seed)
     set_determinism(args.deterministic)
@@ -240,8 +237,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
     # Under torchrun, DDP averages the gradients of all processes in backward().
     model = DistributedDataParallel(model_without_ddp) if DISTRIBUTED else model_without_ddp
 
-    # SummaryWriters in process 0 (None in the others): one for the run, and one sub-run per
-    # set whose loss is drawn in the same chart, "train" and the monitored one.
+    # Process 0's SummaryWriters (None elsewhere): the run's, and the sub-runs "train" and `monitor`.
     with open_run(state, step, monitor) as (writer, curves):
         if writer and not history:
             log_start(writer, model_without_ddp, train_set, state["config"])
