@@ -1254,6 +1254,10 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
                 rows[index] |= future.result()
             raise
         except BrokenProcessPool:  # a worker killed outright (out of memory, kill -9): the pool ends them all
+            # With SIGTERM, which stops their runs; but a worker whose run stopped then waits for
+            # work, and the pool for it, forever (Python 3.13): end them for good.
+            for worker in multiprocessing.active_children():
+                worker.kill()
             for row in rows:
                 if row["status"] == "not started":
                     row["status"] = "not finished: a worker process was killed"
