@@ -139,10 +139,15 @@ def test_missing_cuda_is_a_usage_error(monkeypatch, capsys):
     assert "argument --device: this machine has no usable CUDA" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("name", "device"), [("cuda", "cuda"), ("cuda:0", "cuda:0"), ("cuda:1", "cuda:1")])
-def test_a_gpu_is_named_as_torch_names_it(monkeypatch, name, device):
+@pytest.fixture
+def two_gpus(monkeypatch) -> None:
+    """torch's CUDA queries answer as on a machine with two GPUs (this one may have none)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+@pytest.mark.parametrize(("name", "device"), [("cuda", "cuda"), ("cuda:0", "cuda:0"), ("cuda:1", "cuda:1")])
+def test_a_gpu_is_named_as_torch_names_it(two_gpus, name, device):
     assert parse(["--device", name]).device == torch.device(device)
 
 
@@ -153,9 +158,7 @@ def test_a_gpu_is_named_as_torch_names_it(monkeypatch, name, device):
     ("cuda:01", "'cuda:01' is not one of auto, cpu, cuda, cuda:N, mps"),  # torch.device refuses it too
     ("cpu:0", "'cpu:0' is not one of auto, cpu, cuda, cuda:N, mps"),
 ])
-def test_a_gpu_this_machine_lacks_is_a_usage_error(monkeypatch, capsys, name, error):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+def test_a_gpu_this_machine_lacks_is_a_usage_error(two_gpus, capsys, name, error):
     with pytest.raises(SystemExit) as exit_info:
         parse(["--device", name])
     assert exit_info.value.code == 2
