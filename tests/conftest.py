@@ -176,9 +176,11 @@ CONSTANT_LR = ["--batch-size", "32", "--lr", "0.05", "--warmup", "0", "--lr-deca
                "--num-embeddings", "0", "--device", "cpu", "--val-size", "0"]
 # - UNVALIDATED: two epochs of the default recipe, without validation or projector;
 UNVALIDATED = ["--epochs", "2", "--num-embeddings", "0", "--device", "cpu", "--val-size", "0"]
-# - FULLY_LOGGED: two epochs with validation, a decaying learning rate and the projector's 40 digits.
+# - FULLY_LOGGED: two epochs with validation, no warm-up (8 steps in all), a decaying learning rate
+#   and the projector's 40 digits.
 FULLY_LOGGED = ["--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--test-batch-size", "50",
-                "--num-embeddings", "40", "--device", "cpu", "--lr-decay", "0.5", "--val-size", "64"]
+                "--num-embeddings", "40", "--device", "cpu", "--warmup", "0", "--lr-decay", "0.5",
+                "--val-size", "64"]
 
 
 def train_in_process(data_dir: Path, log_dir: Path, name: str | None, *flags: str) -> Path:

@@ -443,21 +443,29 @@ def test_patience_stops_early_and_the_run_finishes_on_its_best_weights(tmp_path,
 # --- The recipe's flags -----------------------------------------------------------------
 
 def test_the_schedule_rises_holds_and_falls_as_a_function_of_the_step():
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    scheduler = train_mnist.make_scheduler(optimizer, 0.2, 0.5, total_steps=100)
-    rates = []
-    for _ in range(100):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert rates[0] == pytest.approx(0.1 / 20) and rates[19] == pytest.approx(0.1)  # 20 steps of warm-up
-    assert rates[20:51] == pytest.approx([0.1] * 31)  # the hold
-    assert rates[60] == pytest.approx(0.1 * 40 / 50)  # the fall, to 0 at the end
-    assert rates[99] == pytest.approx(0.1 / 50)
+    def rates_of(warmup: float, decay: float, total_steps: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        scheduler = train_mnist.make_scheduler(optimizer, warmup, decay, total_steps)
+        rates = []
+        for _ in range(total_steps):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    rates = rates_of(0.2, 0.5, total_steps=1000)
+    assert rates[0] == pytest.approx(0.1 / 200) and rates[199] == pytest.approx(0.1)  # 200 steps of warm-up
+    assert rates[200:501] == pytest.approx([0.1] * 301)  # the hold
+    assert rates[600] == pytest.approx(0.1 * 400 / 500)  # the fall, to 0 at the end
+    assert rates[999] == pytest.approx(0.1 / 500)
     later = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     later.param_groups[0]["initial_lr"] = 0.1  # as a resume sets it
-    train_mnist.make_scheduler(later, 0.2, 0.5, total_steps=100, start_step=60)
-    assert later.param_groups[0]["lr"] == pytest.approx(rates[60])  # a resumed run starts where it was
+    train_mnist.make_scheduler(later, 0.2, 0.5, total_steps=1000, start_step=600)
+    assert later.param_groups[0]["lr"] == pytest.approx(rates[600])  # a resumed run starts where it was
+    # A short run's warm-up spans MIN_WARMUP_STEPS all the same (100), not 10% of its 60 steps;
+    # --warmup 0 turns it off.
+    assert rates_of(0.1, 0.0, total_steps=60) == pytest.approx([0.1 * (step + 1) / 100 for step in range(60)])
+    assert rates_of(0.0, 0.0, total_steps=60) == pytest.approx([0.1] * 60)
 
 
 def test_nesterov_and_label_smoothing_reach_the_optimizer_and_the_loss(tmp_path, synthetic_data, monkeypatch):

@@ -104,6 +104,7 @@ def test_the_other_flags_given_again_are_used_as_given(tmp_path, synthetic_data,
 
     monkeypatch.setattr(train_mnist, "train", train_and_look)
     monkeypatch.setattr(train_mnist, "test", test_and_look)
+    monkeypatch.setattr(train_mnist, "MIN_WARMUP_STEPS", 1)  # 20 steps in all: the floor would hide --warmup
     # What --deterministic sets for the whole process, put back after the test.
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
