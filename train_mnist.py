@@ -247,9 +247,9 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
             step_losses, step_lrs = train(model, optimizer, scheduler, train_loader, loss_fn,
                                           title=f"Epoch {epoch}/{args.epochs}")
             seconds = time.perf_counter() - started
-            stop_if_diverged(model_without_ddp, step_losses, epoch, args.lr)
             step += len(step_losses)
             evaluation = test(model_without_ddp, DeviceLoader(monitored, args.test_batch_size))
+            stop_if_diverged(model_without_ddp, step_losses, evaluation, epoch, args.lr)
             history.append({"epoch": epoch, "step": step, "train_loss": sum(step_losses) / len(step_losses),
                             f"{monitor}_loss": evaluation.loss, f"{monitor}_accuracy": evaluation.accuracy,
                             "seconds": seconds})
@@ -613,13 +613,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup: float, decay: float
     return LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
-def stop_if_diverged(net: MNISTNet, step_losses: list[float], epoch: int, lr: float) -> None:
+def stop_if_diverged(net: MNISTNet, step_losses: list[float], evaluation: Evaluation, epoch: int,
+                     lr: float) -> None:
     """A loss or weights no longer finite end the run, before a checkpoint keeps them. Squared
-    too: weights whose squares overflow have diverged as surely as infinite ones."""
+    too: weights whose squares overflow have diverged as surely as infinite ones. So does one
+    output for every image: a layer's ReLUs no longer fire for any input, so no gradient can
+    reach them again (a step too large switched them off)."""
     weights_finite = all(parameter.detach().square().sum().isfinite() for parameter in net.parameters())
     if not (math.isfinite(sum(step_losses)) and weights_finite):
         raise UserError(f"training diverged in epoch {epoch}: the loss or the weights are no longer finite; "
                         f"try a smaller --lr (this run used {lr:g})")
+    if len(evaluation.logits) > 1 and (evaluation.logits == evaluation.logits[0]).all():
+        raise UserError(f"training collapsed in epoch {epoch}: the network gives the same output for every "
+                        "image (a step too large switched off a layer's ReLUs for good); try a smaller --lr "
+                        f"(this run used {lr:g})")
 
 
 def set_determinism(deterministic: bool) -> None:

@@ -237,6 +237,28 @@ def test_divergence_in_a_long_epoch_stops_within_50_steps_and_keeps_the_finite_c
     assert not (run_dir / "metrics.json").exists()
 
 
+def test_a_network_with_one_output_for_every_image_stops_with_advice_and_no_checkpoint(
+        tmp_path, synthetic_data, capsys, monkeypatch):
+    """A step too large can switch off every ReLU of a layer for good (batch 32 at --lr 0.1 did, on
+    the real MNIST): the run stops with advice, where it used to train on at 11%. Here conv2's
+    ReLUs are switched off by hand, after the first epoch's steps."""
+    real_train = train_mnist.train
+
+    def train_then_switch_off_conv2(model, *args, **kwargs):
+        losses = real_train(model, *args, **kwargs)
+        with torch.no_grad():
+            model.conv2.bias.fill_(-1e6)
+        return losses
+
+    monkeypatch.setattr(train_mnist, "train", train_then_switch_off_conv2)
+    argv = [*UNVALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path), "--run-name", "dead"]
+    assert train_mnist.main(argv) == 1
+    assert one_line_error(capsys) == ("error: training collapsed in epoch 1: the network gives the same "
+                                      "output for every image (a step too large switched off a layer's ReLUs "
+                                      "for good); try a smaller --lr (this run used 0.1)")
+    assert not (tmp_path / "dead" / "checkpoints").exists()
+
+
 def test_best_checkpoint_is_never_saved_with_non_finite_weights(
         tmp_path, synthetic_data, monkeypatch, capsys):
     real_epoch = train_mnist.train
