@@ -134,6 +134,7 @@ def test_one_epoch_at_the_default_rate_learns(real_data_dir, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     assert metrics_of(run_dir)["test_accuracy"] > 0.95
 
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -245,10 +245,10 @@ def test_a_network_with_one_output_for_every_image_stops_with_advice_and_no_chec
     real_train = train_mnist.train
 
     def train_then_switch_off_conv2(model, *args, **kwargs):
-        losses = real_train(model, *args, **kwargs)
+        step_losses_and_lrs = real_train(model, *args, **kwargs)
         with torch.no_grad():
             model.conv2.bias.fill_(-1e6)
-        return losses
+        return step_losses_and_lrs
 
     monkeypatch.setattr(train_mnist, "train", train_then_switch_off_conv2)
     argv = [*UNVALIDATED, "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path), "--run-name", "dead"]
