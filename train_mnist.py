@@ -249,7 +249,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
             seconds = time.perf_counter() - started
             step += len(step_losses)
             evaluation = test(model_without_ddp, DeviceLoader(monitored, args.test_batch_size))
-            stop_if_diverged(model_without_ddp, step_losses, evaluation, epoch, args.lr)
+            stop_if_diverged_or_collapsed(model_without_ddp, step_losses, evaluation, epoch, args.lr)
             history.append({"epoch": epoch, "step": step, "train_loss": sum(step_losses) / len(step_losses),
                             f"{monitor}_loss": evaluation.loss, f"{monitor}_accuracy": evaluation.accuracy,
                             "seconds": seconds})
@@ -613,8 +613,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup: float, decay: float
     return LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
 
-def stop_if_diverged(net: MNISTNet, step_losses: list[float], evaluation: Evaluation, epoch: int,
-                     lr: float) -> None:
+def stop_if_diverged_or_collapsed(net: MNISTNet, step_losses: list[float], evaluation: Evaluation,
+                                  epoch: int, lr: float) -> None:
     """A loss or weights no longer finite end the run, before a checkpoint keeps them. Squared
     too: weights whose squares overflow have diverged as surely as infinite ones. So does one
     output for every image: a layer's ReLUs no longer fire for any input, so no gradient can
