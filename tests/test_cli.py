@@ -59,7 +59,7 @@ def test_help_shows_every_flag_once_with_its_default_once_and_examples_that_pars
     text = " ".join(help_text.split())
     for group in ("training:", "data:", "logging:", "experiments:", "examples:"):
         assert group in text
-    for flag, default in (("--epochs N [N ...]", "6"), ("--lr LR [LR ...]", "0.1"),
+    for flag, default in (("--epochs N [N ...]", "6"), ("--lr LR [LR ...]", "auto"),
                           ("--batch-size N [N ...]", "128"), ("--momentum MOMENTUM [MOMENTUM ...]", "0.9"),
                           ("--seed SEED", "1"), ("--device DEVICE", "auto"),
                           ("--data-dir DIR", "data"), ("--log-dir DIR", "runs"),
@@ -81,11 +81,23 @@ def test_help_shows_every_flag_once_with_its_default_once_and_examples_that_pars
     ([], "default"),
     (["--epochs=5", "--lr=1e-3", "--batch_size=64"], "lr0.001_bs64_ep5"),
     (["--no-nesterov", "--seed", "2", "--deterministic", "--momentum", "0.5"], "mom0.5_nonesterov_seed2_det"),
-], ids=["defaults", "course", "switches"])
+    (["--batch-size", "32"], "bs32"),  # its rate, 0.025, is the default for that batch
+    (["--batch-size", "32", "--lr", "0.1"], "lr0.1_bs32"),
+], ids=["defaults", "course", "switches", "small batch", "small batch at 0.1"])
 def test_a_run_is_named_by_what_differs_from_the_defaults_then_the_time(argv, differences, tmp_path):
     one_run = train_mnist.single_values(parse([*argv, "--log-dir", str(tmp_path)]))
     name = train_mnist.make_run_dir(one_run).name
     assert re.fullmatch(re.escape(differences) + r"_\d{4}-\d{6}", name), name
+
+
+def test_without_lr_the_rate_is_0_1_scaled_down_for_a_global_batch_under_128(monkeypatch):
+    for argv, lr in (([], 0.1), (["--batch-size", "32"], 0.025),
+                     (["--batch-size", "64", "--lr", "auto"], 0.05),
+                     (["--batch_size", "512"], 0.1), (["--batch-size", "32", "--lr", "0.1"], 0.1)):
+        assert train_mnist.single_values(parse(argv)).lr == pytest.approx(lr), argv
+    monkeypatch.setattr(train_mnist, "WORLD_SIZE", 2)  # under torchrun: the batches of both processes
+    assert train_mnist.single_values(parse(["--batch-size", "32"])).lr == pytest.approx(0.05)
+    assert train_mnist.single_values(parse(["--batch-size", "64"])).lr == pytest.approx(0.1)
 
 
 BAD_FLAGS = [

@@ -135,6 +135,20 @@ def test_one_epoch_at_the_default_rate_learns(real_data_dir, tmp_path):
     assert metrics_of(run_dir)["test_accuracy"] > 0.95
 
 
+@pytest.mark.slow
+def test_a_batch_of_32_learns_at_its_default_rate(real_data_dir, tmp_path):
+    """`--batch-size 32` without --lr: at the rate that suits batches of 128, 0.1, this run on
+    10,000 training digits ended predicting one digit for every image (9.8%). The default rate of
+    a batch of 32 is 0.025."""
+    code = train_mnist.main(["--batch-size", "32", "--epochs", "1", "--seed", "2", "--val-size", "50000",
+                             "--num-embeddings", "0", "--data-dir", str(real_data_dir),
+                             "--log-dir", str(tmp_path)])
+    assert code == 0
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.025
+    assert metrics_of(run_dir)["test_accuracy"] > 0.95
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

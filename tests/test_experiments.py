@@ -326,6 +326,18 @@ def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data,
     assert "Sweep results, best first" in out and rows[0]["run_dir"] in out
 
 
+def test_a_sweep_without_lr_gives_each_point_the_rate_of_its_batch(tmp_path, synthetic_data, monkeypatch):
+    trained = []
+    monkeypatch.setattr(train_mnist, "run", lambda point, _device: trained.append(point) or {})
+    assert train_mnist.main(["--batch-size", "32", "64", "256", "--lr", "auto", "0.01", "--data-dir",
+                             str(synthetic_data), "--log-dir", str(tmp_path)]) == 0
+    rates = {(point.lr, point.batch_size) for point in trained}
+    assert rates == {(0.025, 32), (0.05, 64), (0.1, 256), (0.01, 32), (0.01, 64), (0.01, 256)}
+    (table,) = tmp_path.glob("sweep-*.csv")
+    with open(table) as file:
+        assert {(float(row["lr"]), int(row["batch_size"])) for row in csv.DictReader(file)} == rates
+
+
 def test_two_sweeps_ending_in_the_same_second_keep_both_tables(tmp_path, synthetic_data, monkeypatch):
     class Frozen(datetime.datetime):
         @classmethod
