@@ -39,8 +39,7 @@ import subprocess
 import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import NamedTuple
 
@@ -1287,7 +1286,7 @@ def run_in_processes(points: list[argparse.Namespace], rows: list[dict], device:
             for future, index in futures.items():
                 rows[index] |= future.result()
             raise
-        except BrokenProcessPool:  # a worker killed outright (out of memory, kill -9): the pool ends them all
+        except BrokenExecutor:  # a worker killed outright (out of memory, kill -9): the pool ends them all
             # With SIGTERM, which stops their runs; but a worker whose run stopped then waits for
             # work, and the pool for it, forever (Python 3.13): end them for good.
             for worker in multiprocessing.active_children():
