@@ -238,7 +238,7 @@ def run(args: argparse.Namespace, device: torch.device, checkpoint: dict | None 
     model = DistributedDataParallel(model_without_ddp) if DISTRIBUTED else model_without_ddp
 
     # Process 0's SummaryWriters (None elsewhere): the run's, and the sub-runs "train" and `monitor`.
-    with open_run(state, step, monitor) as (writer, curves):
+    with open_run(state, step, monitor) as (writer, curves), out_of_memory_explained(device, args):
         if writer and not history:
             log_start(writer, model_without_ddp, train_set, state["config"])
         for epoch in range(len(history) + 1, args.epochs + 1):
@@ -583,7 +583,7 @@ def check_split(images: torch.Tensor, labels: torch.Tensor, data_dir: Path, trai
                             f"{MNIST_MD5[path.name]}); {REFETCH}")
 
 
-# --- Training: the validation split, the schedule, divergence, determinism -----------------
+# --- Training: the validation split, the schedule, divergence, memory, determinism ---------
 
 
 def hold_out(train_set: Split, count: int) -> tuple[Split, Split | None]:
@@ -646,6 +646,19 @@ def stop_if_diverged_or_collapsed(net: MNISTNet, step_losses: list[float], evalu
         raise UserError(f"training collapsed in epoch {epoch}: the network gives the same output for every "
                         "image (a step too large switched off a layer's ReLUs for good); try a smaller --lr "
                         f"(this run used {lr:g})")
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(device: torch.device, args: argparse.Namespace):
+    """Batches too large for the device's memory end the run in one line that names the flags to
+    lower. torch raises torch.OutOfMemoryError on a GPU, a plain RuntimeError on the CPU and MPS."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not re.search("out of memory|can't allocate memory|not enough memory", str(error)):
+            raise
+        raise UserError(f"out of memory on {device} with --batch-size {args.batch_size} and "
+                        f"--test-batch-size {args.test_batch_size}: give smaller ones") from None
 
 
 def set_determinism(deterministic: bool) -> None:

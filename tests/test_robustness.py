@@ -3,6 +3,7 @@
 import builtins
 import collections
 import contextlib
+import csv
 import errno
 import hashlib
 import io
@@ -257,6 +258,60 @@ def test_a_network_with_one_output_for_every_image_stops_with_advice_and_no_chec
                                       "output for every image (a step too large switched off a layer's ReLUs "
                                       "for good); try a smaller --lr (this run used 0.1)")
     assert not (tmp_path / "dead" / "checkpoints").exists()
+
+
+# The devices' own messages as torch raises them: a torch.OutOfMemoryError from CUDA, plain
+# RuntimeErrors from MPS and from the CPU's allocator (the last as a 5 GB address-space limit gave it).
+OUT_OF_MEMORY = {
+    "cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB. GPU 0 has a total "
+                                   "capacity of 7.63 GiB of which 1.20 GiB is free."),
+    "mps": RuntimeError("MPS backend out of memory (MPS allocated: 7.10 GiB, other allocations: 1.20 GiB, "
+                        "max allowed: 9.07 GiB). Tried to allocate 2.00 GiB on private pool."),
+    "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                        "memory: you tried to allocate 2027520000 bytes. Error code 12 (Cannot allocate "
+                        "memory)"),
+}
+TOO_LARGE = "out of memory on cpu with --batch-size 32 and --test-batch-size 1000: give smaller ones"
+
+
+def network_out_of_memory_above(monkeypatch: pytest.MonkeyPatch, images: int, error: RuntimeError) -> None:
+    """The network raises `error` for a training batch of more than `images`, as a device would."""
+    real_forward = train_mnist.MNISTNet.forward
+
+    def forward(net: train_mnist.MNISTNet, x: torch.Tensor) -> torch.Tensor:
+        if net.training and len(x) > images:
+            raise error
+        return real_forward(net, x)
+
+    monkeypatch.setattr(train_mnist.MNISTNet, "forward", forward)
+
+
+@pytest.mark.parametrize("device", OUT_OF_MEMORY)
+def test_batches_too_large_for_the_memory_are_one_line_that_names_the_flags(
+        tmp_path, synthetic_data, capsys, monkeypatch, device):
+    network_out_of_memory_above(monkeypatch, 16, OUT_OF_MEMORY[device])
+    argv = [*UNVALIDATED, "--batch-size", "32", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path)]
+    assert train_mnist.main(argv) == 1
+    assert one_line_error(capsys) == f"error: {TOO_LARGE}"
+
+
+def test_another_runtime_error_is_a_bug_and_keeps_its_traceback(tmp_path, synthetic_data, monkeypatch):
+    network_out_of_memory_above(monkeypatch, 16, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    argv = [*UNVALIDATED, "--batch-size", "32", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        train_mnist.main(argv)
+
+
+def test_a_sweep_point_out_of_memory_is_a_failed_row_and_the_others_run(tmp_path, synthetic_data, capsys,
+                                                                         monkeypatch):
+    network_out_of_memory_above(monkeypatch, 16, OUT_OF_MEMORY["cuda"])
+    argv = [*UNVALIDATED, "--epochs", "1", "--batch-size", "16", "32", "--data-dir", str(synthetic_data),
+            "--log-dir", str(tmp_path)]
+    assert train_mnist.main(argv) == 0
+    rows = {row["batch_size"]: row for row in csv.DictReader(next(tmp_path.glob("sweep-*.csv")).open())}
+    assert rows["16"]["status"] == "ok"
+    assert rows["32"]["status"] == f"failed: {TOO_LARGE}"
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_best_checkpoint_is_never_saved_with_non_finite_weights(
