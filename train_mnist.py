@@ -651,7 +651,7 @@ def stop_if_diverged_or_collapsed(net: MNISTNet, step_losses: list[float], evalu
 @contextlib.contextmanager
 def out_of_memory_explained(device: torch.device, args: argparse.Namespace):
     """Batches too large for the device's memory end the run in one line that names the flags to
-    lower. torch raises torch.OutOfMemoryError on a GPU, a plain RuntimeError on the CPU and MPS."""
+    lower. torch raises its OutOfMemoryError on a GPU, a plain RuntimeError on the CPU and MPS."""
     try:
         yield
     except RuntimeError as error:

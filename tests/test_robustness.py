@@ -260,11 +260,11 @@ def test_a_network_with_one_output_for_every_image_stops_with_advice_and_no_chec
     assert not (tmp_path / "dead" / "checkpoints").exists()
 
 
-# The devices' own messages as torch raises them: a torch.OutOfMemoryError from CUDA, plain
+# The devices' own messages as torch raises them: an OutOfMemoryError from CUDA, plain
 # RuntimeErrors from MPS and from the CPU's allocator (the last as a 5 GB address-space limit gave it).
 OUT_OF_MEMORY = {
-    "cuda": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB. GPU 0 has a total "
-                                   "capacity of 7.63 GiB of which 1.20 GiB is free."),
+    "cuda": torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 7.50 GiB. GPU 0 has a "
+                                        "total capacity of 7.63 GiB of which 1.20 GiB is free."),
     "mps": RuntimeError("MPS backend out of memory (MPS allocated: 7.10 GiB, other allocations: 1.20 GiB, "
                         "max allowed: 9.07 GiB). Tried to allocate 2.00 GiB on private pool."),
     "cpu": RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
