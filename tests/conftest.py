@@ -2,6 +2,7 @@
 and the ways the tests start the script: in-process through main(), or as a real process when
 the process itself is under test (its exit code, its console, its signals, torchrun)."""
 
+import csv
 import errno
 import itertools
 import json
@@ -330,6 +331,13 @@ def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:
 
 def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def sweep_table(log_dir: Path) -> list[dict]:
+    """The rows of the one sweep table in `log_dir`, as the CSV holds them (strings)."""
+    (table,) = log_dir.glob("sweep-*.csv")
+    with open(table) as file:
+        return list(csv.DictReader(file))
 
 
 @pytest.fixture(scope="session")

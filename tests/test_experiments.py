@@ -29,6 +29,7 @@ from conftest import (
     signal_in_a_later_epoch,
     start_script,
     steps_of,
+    sweep_table,
     train_in_process,
     weights,
     write_mnist,
@@ -310,9 +311,7 @@ def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data,
     for run_dir in run_dirs:
         events = events_of(run_dir)
         assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
-    (table,) = (tmp_path / "runs").glob("sweep-*.csv")
-    with open(table) as file:
-        rows = list(csv.DictReader(file))
+    rows = sweep_table(tmp_path / "runs")
     assert len(rows) == 4 and all(row["status"] == "ok" for row in rows)
     assert list(rows[0]) == ["lr", "batch_size", "momentum", "epochs", "validation_accuracy", "test_accuracy",
                              "test_loss", "run_dir", "status"]
@@ -333,9 +332,7 @@ def test_a_sweep_without_lr_gives_each_point_the_rate_of_its_batch(tmp_path, syn
                              str(synthetic_data), "--log-dir", str(tmp_path)]) == 0
     rates = {(point.lr, point.batch_size) for point in trained}
     assert rates == {(0.025, 32), (0.05, 64), (0.1, 256), (0.01, 32), (0.01, 64), (0.01, 256)}
-    (table,) = tmp_path.glob("sweep-*.csv")
-    with open(table) as file:
-        assert {(float(row["lr"]), int(row["batch_size"])) for row in csv.DictReader(file)} == rates
+    assert {(float(row["lr"]), int(row["batch_size"])) for row in sweep_table(tmp_path)} == rates
 
 
 def test_two_sweeps_ending_in_the_same_second_keep_both_tables(tmp_path, synthetic_data, monkeypatch):
@@ -361,9 +358,7 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(tmp_path, synthetic_data
     argv = ["--lr", "1e6", "0.05", "--epochs", "1", "--num-embeddings", "0", "--device", "cpu",
             "--val-size", "64", "--data-dir", str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 0
-    (table,) = (tmp_path / "runs").glob("sweep-*.csv")
-    with open(table) as file:
-        rows = list(csv.DictReader(file))
+    rows = sweep_table(tmp_path / "runs")
     assert [row["lr"] for row in rows] == ["0.05", "1000000.0"]
     assert rows[0]["status"] == "ok" and rows[1]["status"].startswith("failed")
 
@@ -374,9 +369,7 @@ def test_an_interrupted_sweep_still_writes_its_table_with_every_point(tmp_path, 
     argv = [*QUICK_VALIDATED, "--lr", "0.05", "0.02", "0.01", "--epochs", "2", "--data-dir",
             str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 130
-    (table,) = (tmp_path / "runs").glob("sweep-*.csv")
-    with open(table) as file:
-        rows = {row["lr"]: row for row in csv.DictReader(file)}
+    rows = {row["lr"]: row for row in sweep_table(tmp_path / "runs")}
     stopped = json.loads(next((tmp_path / "runs").glob("*lr0.02*/config.json")).read_text())["run_dir"]
     assert rows["0.05"]["status"] == "ok" and float(rows["0.05"]["test_accuracy"]) > 0.5
     assert rows["0.02"]["status"] == f"stopped: --resume {stopped}" and rows["0.02"]["test_accuracy"] == ""
@@ -504,12 +497,6 @@ def test_nesterov_without_momentum_is_refused(capsys):
 
 
 # --- Sweeps in parallel -----------------------------------------------------------------
-
-def sweep_table(log_dir: Path) -> list[dict]:
-    (table,) = log_dir.glob("sweep-*.csv")
-    with open(table) as file:
-        return list(csv.DictReader(file))
-
 
 @pytest.mark.slow
 def test_a_parallel_sweep_gives_the_rows_of_a_sequential_one_and_survives_a_failed_point(

@@ -3,7 +3,6 @@
 import builtins
 import collections
 import contextlib
-import csv
 import errno
 import hashlib
 import io
@@ -40,6 +39,7 @@ from conftest import (
     run_script,
     script_command,
     start_script,
+    sweep_table,
     synthetic_digits,
     train_in_process,
     wait_for_epoch,
@@ -308,7 +308,7 @@ def test_a_sweep_point_out_of_memory_is_a_failed_row_and_the_others_run(tmp_path
     argv = [*UNVALIDATED, "--epochs", "1", "--batch-size", "16", "32", "--data-dir", str(synthetic_data),
             "--log-dir", str(tmp_path)]
     assert train_mnist.main(argv) == 0
-    rows = {row["batch_size"]: row for row in csv.DictReader(next(tmp_path.glob("sweep-*.csv")).open())}
+    rows = {row["batch_size"]: row for row in sweep_table(tmp_path)}
     assert rows["16"]["status"] == "ok"
     assert rows["32"]["status"] == f"failed: {TOO_LARGE}"
     assert "Traceback" not in capsys.readouterr().err
