@@ -12,6 +12,9 @@ import os
 import signal
 import sys
 
+if sys.version_info < (3, 10):  # 3.9 would stop at a type hint below (dict | None) with a TypeError
+    sys.exit(f"error: train_mnist.py needs Python 3.10 or later, and this is {sys.version.split()[0]}")
+
 if __name__ == "__main__":
     # A Ctrl-C while the libraries load has nothing to save: one line, not a traceback.
     def stop_during_start_up(signum: int, _frame: object) -> None:
@@ -60,7 +63,6 @@ from models import MNISTNet
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels scaled to [0, 1]
 LOSS_EVERY = 50  # steps between two reads of the loss, for the progress bar and divergence
-SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of these run a grid
 
 # torchrun starts one copy of this script per process and tells each its RANK among WORLD_SIZE;
 # a plain `python train_mnist.py` is process 0 of 1.
@@ -122,8 +124,7 @@ class Split(NamedTuple):
 
 
 def load_split(data_dir: Path, train: bool, device: torch.device, verify: bool = False) -> Split:
-    """The training or the test split, read once: torchvision downloads the files if they are
-    missing, and checks and reads them."""
+    """The training or the test split, read once: torchvision downloads, checks and reads the files."""
     MNIST = import_mnist()  # torchvision's dataset, imported here, where it is needed: --help stays fast
     with main_process_first():  # under torchrun only process 0 downloads; the others wait for it
         try:
@@ -161,8 +162,7 @@ class DeviceLoader:
         return order[RANK::WORLD_SIZE]
 
     def __len__(self) -> int:
-        samples = math.ceil(len(self.labels) / WORLD_SIZE) if self.shuffle else len(self.labels)
-        return math.ceil(samples / self.batch_size)
+        return math.ceil(len(self.order()) / self.batch_size)
 
     def __iter__(self):
         order = self.order().to(self.labels.device)
@@ -317,6 +317,7 @@ EXAMPLES = """examples:
 
 Every flag takes dashes or underscores: --batch-size or --batch_size."""
 NAME_MAX = 255  # bytes in one file or folder name, on the usual filesystems
+SWEEP_FLAGS = ("lr", "batch_size", "momentum", "epochs")  # several values of these run a grid
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

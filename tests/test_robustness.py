@@ -1,5 +1,6 @@
 """Bad input, corrupt data, divergence, signals, failing disks, name collisions, and a soak."""
 
+import ast
 import builtins
 import collections
 import contextlib
@@ -13,6 +14,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,7 @@ from conftest import (
     EPOCHS,
     INTERRUPTIBLE,
     QUICK_VALIDATED,
+    REPO,
     STEPS_PER_EPOCH,
     UNVALIDATED,
     assert_same_weights,
@@ -332,6 +335,20 @@ def test_best_checkpoint_is_never_saved_with_non_finite_weights(
 
 
 # --- Signals -----------------------------------------------------------------------------
+
+def test_an_older_python_is_one_line_that_names_the_python_needed():
+    """Python 3.9 installs requirements.txt (pip picks torch 2.8 there), then would stop at the
+    first `dict | None` type hint with a TypeError. The script checks first: one line."""
+    for name in ("train_mnist.py", "models.py"):  # 3.9 reads them, so the check can run at all
+        ast.parse((REPO / name).read_text(), feature_version=(3, 9))
+    as_python_3_9 = ("import runpy, sys; sys.version_info, sys.version = (3, 9, 6, 'final', 0), '3.9.6'; "
+                     "sys.argv = ['train_mnist.py', '--help']; "
+                     "runpy.run_path('train_mnist.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", as_python_3_9], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "error: train_mnist.py needs Python 3.10 or later, and this is 3.9.6\n"
+
 
 def wait_until_it_catches_sigterm(process: subprocess.Popen, seconds: float = 30) -> None:
     """Wait until the script's first lines have run: they catch SIGTERM (Python itself catches
