@@ -1,4 +1,4 @@
-"""Bad input, corrupt data, divergence, signals, failing disks, name collisions, and a soak."""
+"""Bad input, corrupt data, divergence, start-up and signals, failing disks, name collisions, and a soak."""
 
 import ast
 import builtins
@@ -334,7 +334,7 @@ def test_best_checkpoint_is_never_saved_with_non_finite_weights(
     assert not (tmp_path / "nan" / "checkpoints").exists()
 
 
-# --- Signals -----------------------------------------------------------------------------
+# --- Start-up and signals ----------------------------------------------------------------
 
 def test_an_older_python_is_one_line_that_names_the_python_needed():
     """Python 3.9 installs requirements.txt (pip picks torch 2.8 there), then would stop at the
