@@ -329,6 +329,10 @@ def steps_of(points: list[tuple[str, int]], tag: str) -> list[int]:
     return sorted(step for point_tag, step in points if point_tag == tag)
 
 
+def config_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "config.json").read_text())
+
+
 def metrics_of(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 

@@ -1,6 +1,5 @@
 """Data-parallel training under torchrun: two CPU processes with gloo."""
 
-import json
 import os
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import train_mnist
 from conftest import (
     REPO,
     TORCHRUN,
+    config_of,
     events_of,
     free_port,
     metrics_of,
@@ -46,7 +46,7 @@ def ddp_run(data_dir, tmp_path_factory) -> tuple[Path, Path]:
 
 def test_one_run_dir_with_a_falling_loss(ddp_run):
     run_dir, _ = ddp_run
-    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 16
+    assert config_of(run_dir)["batch_size"] == 16
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 3  # one each: run, train, validation
     losses = [event.value for event in events_of(run_dir / "train").Scalars("loss")]
     assert len(losses) == 2 and losses[1] < losses[0]

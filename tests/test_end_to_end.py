@@ -1,5 +1,4 @@
 import io
-import json
 import re
 from pathlib import Path
 
@@ -10,7 +9,15 @@ from PIL import Image
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import train_mnist
-from conftest import FULLY_LOGGED, events_of, metrics_of, synthetic_digits, train_in_process, write_mnist
+from conftest import (
+    FULLY_LOGGED,
+    config_of,
+    events_of,
+    metrics_of,
+    synthetic_digits,
+    train_in_process,
+    write_mnist,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def test_projector_files_hold_features_labels_and_readable_sprite(small_run):
 
 
 def test_config_and_metrics_json(small_run):
-    config = json.loads((small_run / "config.json").read_text())
+    config = config_of(small_run)
     metrics = metrics_of(small_run)
     assert config["lr"] == 0.05 and config["batch_size"] == 64 and config["epochs"] == 2
     assert metrics["epochs"] == 2 and 0 <= metrics["test_accuracy"] <= 1
@@ -145,7 +152,7 @@ def test_a_batch_of_32_learns_at_its_default_rate(real_data_dir, tmp_path):
                              "--log-dir", str(tmp_path)])
     assert code == 0
     (run_dir,) = tmp_path.iterdir()
-    assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.025
+    assert config_of(run_dir)["lr"] == 0.025
     assert metrics_of(run_dir)["test_accuracy"] > 0.95
 
 
@@ -161,5 +168,5 @@ def test_training_on_each_available_device(tmp_path, synthetic_data, device):
                              str(synthetic_data), "--log-dir", str(tmp_path / "runs")])
     assert code == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
-    assert json.loads((run_dir / "config.json").read_text())["device"] == device
+    assert config_of(run_dir)["device"] == device
     assert metrics_of(run_dir)["test_accuracy"] > 0.9

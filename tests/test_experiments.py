@@ -20,6 +20,7 @@ from conftest import (
     QUICK_VALIDATED,
     STEPS_PER_EPOCH,
     assert_same_weights,
+    config_of,
     event_points,
     events_of,
     metrics_of,
@@ -61,7 +62,7 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(tmp_path, syntheti
         torch.use_deterministic_algorithms(False)
     plain = train_in_process(synthetic_data, tmp_path, "plain", *QUICK_VALIDATED, "--epochs", "1")
     assert_same_weights(weights(run_dir / "checkpoints/last.pt"), weights(plain / "checkpoints/last.pt"))
-    assert json.loads((run_dir / "config.json").read_text())["deterministic"] is True
+    assert config_of(run_dir)["deterministic"] is True
 
 
 def test_checkpoints_hold_the_whole_state_and_load_weights_only(tmp_path, synthetic_data):
@@ -306,7 +307,7 @@ def test_sweep_runs_the_grid_and_writes_a_sorted_table(tmp_path, synthetic_data,
     run_dirs = sorted(path for path in (tmp_path / "runs").iterdir() if path.is_dir())
     assert len(run_dirs) == 4
     configs = {(c["lr"], c["batch_size"]) for c in
-               (json.loads((d / "config.json").read_text()) for d in run_dirs)}
+               (config_of(d) for d in run_dirs)}
     assert configs == {(0.05, 32), (0.05, 64), (0.01, 32), (0.01, 64)}
     for run_dir in run_dirs:
         events = events_of(run_dir)
@@ -370,7 +371,7 @@ def test_an_interrupted_sweep_still_writes_its_table_with_every_point(tmp_path, 
             str(synthetic_data), "--log-dir", str(tmp_path / "runs")]
     assert train_mnist.main(argv) == 130
     rows = {row["lr"]: row for row in sweep_table(tmp_path / "runs")}
-    stopped = json.loads(next((tmp_path / "runs").glob("*lr0.02*/config.json")).read_text())["run_dir"]
+    stopped = config_of(next((tmp_path / "runs").glob("*lr0.02*")))["run_dir"]
     assert rows["0.05"]["status"] == "ok" and float(rows["0.05"]["test_accuracy"]) > 0.5
     assert rows["0.02"]["status"] == f"stopped: --resume {stopped}" and rows["0.02"]["test_accuracy"] == ""
     assert rows["0.01"]["status"] == "not started"
@@ -486,7 +487,7 @@ def test_nesterov_and_label_smoothing_reach_the_optimizer_and_the_loss(tmp_path,
                                "--epochs", "1", "--nesterov",
                         "--label-smoothing", "0.1", "--warmup", "0.3")
     assert seen == [(True, 0.1)]
-    config = json.loads((run_dir / "config.json").read_text())
+    config = config_of(run_dir)
     assert (config["nesterov"], config["label_smoothing"], config["warmup"]) == (True, 0.1, 0.3)
 
 

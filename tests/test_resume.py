@@ -2,7 +2,6 @@
 the run really used; TensorBoard shows each point of a resumed run once; one process per run."""
 
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ from conftest import (
     CONSTANT_LR,
     INTERRUPTIBLE,
     assert_same_weights,
+    config_of,
     event_points,
     events_of,
     metrics_of,
@@ -34,10 +34,6 @@ from conftest import (
 from models import MNISTNet
 
 CPU = torch.device("cpu")
-
-
-def config_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "config.json").read_text())
 
 
 # --- Flags given again apply after the state is loaded --------------------------------------

@@ -18,7 +18,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_mnist
-from conftest import events_of, free_port, synthetic_digits, write_mnist
+from conftest import config_of, events_of, free_port, synthetic_digits, write_mnist
 from models import MNISTNet
 
 EPOCHS = 2
@@ -229,7 +229,7 @@ def test_a_real_tensorboard_serves_everything(run_dir, tensorboard):
         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
     (group,) = groups["sessionGroups"]
     assert group["name"] == "v"  # the trial's name is the run's
-    config = json.loads((run_dir / "config.json").read_text())
+    config = config_of(run_dir)
     assert group["hparams"]["lr"] == pytest.approx(0.05)
     assert group["hparams"]["batch_size"] == config["batch_size"]
     assert group["hparams"]["nesterov"] is True and group["hparams"]["deterministic"] is False
