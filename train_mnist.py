@@ -438,13 +438,13 @@ def named_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if (args.checkpoint or args.save_inputs) and not args.predict:
         parser.error("--checkpoint and --save-inputs go with --predict (to test a run: --evaluate runs/NAME)")
     if args.predict:
-        return load_checkpoint(args.checkpoint, in_run_dir="best.pt")
+        return load_checkpoint(args.checkpoint, args.log_dir, in_run_dir="best.pt")
     if args.evaluate:
-        checkpoint = load_checkpoint(args.evaluate)
+        checkpoint = load_checkpoint(args.evaluate, args.log_dir)
         if args.evaluate.is_dir() and checkpoint["config"].get("val_size"):  # the weights it tested
-            checkpoint = load_checkpoint(args.evaluate, in_run_dir="best.pt")
+            checkpoint = load_checkpoint(args.evaluate, args.log_dir, in_run_dir="best.pt")
         return checkpoint
-    return load_checkpoint(args.resume) if args.resume else None
+    return load_checkpoint(args.resume, args.log_dir) if args.resume else None
 
 
 def refuse_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
@@ -953,16 +953,18 @@ def save_checkpoint(state: dict, model_without_ddp: MNISTNet, optimizer: torch.o
         atomic_write(Path(state["config"]["run_dir"]) / "checkpoints" / f"{name}.pt", buffer.getvalue())
 
 
-def load_checkpoint(path: Path, in_run_dir: str = "last.pt") -> dict:
+def load_checkpoint(path: Path, log_dir: Path, in_run_dir: str = "last.pt") -> dict:
     """A checkpoint, or a run folder's checkpoints/<in_run_dir>, loaded without running any code."""
-    given = path  # a checkpoint, a run folder, or by mistake the folder of runs
+    given = path  # a checkpoint, a run folder, or by mistake the folder of runs or a run's name alone
     path = path / "checkpoints" / in_run_dir if path.is_dir() else path
     if not path.is_file():
         # --log-dir itself given (runs, not runs/NAME): name its latest run.
         newest = max(given.glob(f"*/checkpoints/{in_run_dir}"), key=lambda found: found.stat().st_mtime,
                      default=None)
-        latest = f" ({given} is a folder of runs; the latest is {newest.parent.parent})" if newest else ""
-        raise UserError(f"no checkpoint at {path}{latest}; give a .pt file, or a run folder with "
+        hint = f" ({given} is a folder of runs; the latest is {newest.parent.parent})" if newest else ""
+        if (log_dir / given / "checkpoints" / in_run_dir).is_file():  # NAME alone, as TensorBoard lists it
+            hint = f" (did you mean {typed(log_dir / given)}?)"
+        raise UserError(f"no checkpoint at {path}{hint}; give a .pt file, or a run folder with "
                         f"checkpoints/{in_run_dir}")
     try:
         with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file

@@ -230,7 +230,8 @@ def test_predict_under_torchrun_is_refused_before_reading_an_image(checkpoint, t
     """torchrun would start a copy per process, each printing every line: --predict wants python."""
     monkeypatch.setattr(train_mnist, "DISTRIBUTED", True)
     with pytest.raises(train_mnist.UserError) as refused:
-        train_mnist.predict([tmp_path / "digit.png"], train_mnist.load_checkpoint(checkpoint), CPU, None)
+        train_mnist.predict([tmp_path / "digit.png"], train_mnist.load_checkpoint(checkpoint, tmp_path), CPU,
+                            None)
     assert str(refused.value) == "--predict runs in one process: start it with python, not torchrun"
 
 

@@ -248,6 +248,17 @@ def test_the_log_dir_given_for_a_run_names_its_latest_run(finished_run, tmp_path
             f"the latest is {finished_run}); give a .pt file, or a run folder with checkpoints/{name}")
 
 
+def test_a_runs_name_alone_is_one_line_that_names_its_folder(finished_run, tmp_path, capsys, monkeypatch):
+    """`--evaluate NAME`, as TensorBoard lists the run, for `--evaluate runs/NAME`: the line names it."""
+    monkeypatch.chdir(tmp_path / "done" / "checkpoints")  # where no "done" is
+    for argv in (["--evaluate", "done"], ["--resume", "done"],
+                 ["--predict", "digit.png", "--checkpoint", "done"]):
+        assert train_mnist.main([*argv, "--log-dir", str(tmp_path)]) == 1
+        name = "best.pt" if "--predict" in argv else "last.pt"
+        assert one_line_error(capsys) == (f"error: no checkpoint at done (did you mean {finished_run}?); "
+                                          f"give a .pt file, or a run folder with checkpoints/{name}")
+
+
 @pytest.mark.parametrize("part", ["best_model", "optimizer", "history"])
 def test_a_checkpoint_missing_part_of_its_state_is_one_line(finished_run, capsys, part):
     path = finished_run / "checkpoints" / "last.pt"
