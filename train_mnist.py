@@ -451,6 +451,9 @@ def refuse_combinations(parser: argparse.ArgumentParser, args: argparse.Namespac
     """--resume honours every flag given again, except those that would make it another run."""
     if args.nesterov and 0 in as_list(args.momentum):
         parser.error("--nesterov needs a --momentum above 0 (or give --no-nesterov)")
+    if args.jobs > 1 and not is_sweep(args):  # one run is never split across processes by --jobs
+        parser.error("--jobs runs the points of a sweep at once: give several values of --lr, --batch-size, "
+                     "--momentum or --epochs (for one run in several processes: torchrun)")
     if not args.resume:
         return
     if is_sweep(args):

@@ -497,6 +497,17 @@ def test_nesterov_without_momentum_is_refused(capsys):
     assert exit_info.value.code == 2 and "--nesterov needs a --momentum above 0" in capsys.readouterr().err
 
 
+def test_jobs_without_a_sweep_is_refused(capsys):
+    """--jobs 2 would not make one run faster: refused, not ignored."""
+    assert train_mnist.parse_args(["--jobs", "2", "--lr", "0.05", "0.1"])[0].jobs == 2  # a sweep: taken
+    with pytest.raises(SystemExit) as exit_info:
+        train_mnist.parse_args(["--jobs", "2", "--lr", "0.05"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        " error: --jobs runs the points of a sweep at once: give several values of --lr, --batch-size, "
+        "--momentum or --epochs (for one run in several processes: torchrun)")
+
+
 # --- Sweeps in parallel -----------------------------------------------------------------
 
 @pytest.mark.slow
