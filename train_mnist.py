@@ -1432,7 +1432,8 @@ def predict(paths: list[Path], checkpoint: dict, device: torch.device, save_inpu
 
 
 def read_grey(path: Path) -> torch.Tensor:
-    """An image file as grey levels in [0, 1] (H, W), upright, any transparency laid on white."""
+    """An image file as grey levels in [0, 1] (H, W), upright, any transparency laid on white (on
+    black, if that leaves it all white: light ink drawn on a transparent sheet)."""
     try:
         with warnings.catch_warnings(), Image.open(path) as image:
             warnings.simplefilter("ignore")  # Pillow warns of large images; the cap below says it
@@ -1441,8 +1442,10 @@ def read_grey(path: Path) -> torch.Tensor:
             upright = ImageOps.exif_transpose(image)  # a phone's rotation, kept apart
             if upright.mode.startswith("I") and upright.getextrema()[1] > 255:  # 16-bit grey, as in scans:
                 upright = upright.point(lambda level: level / 257)  # to 8 bits, Pillow would clip it white
-            paper = Image.new("RGBA", upright.size, "white")
-            grey = Image.alpha_composite(paper, upright.convert("RGBA")).convert("L")
+            upright = upright.convert("RGBA")
+            grey = Image.alpha_composite(Image.new("RGBA", upright.size, "white"), upright).convert("L")
+            if grey.getextrema()[0] > 230:
+                grey = Image.alpha_composite(Image.new("RGBA", upright.size, "black"), upright).convert("L")
     except Image.DecompressionBombError:
         message = f"{path}: too large an image (over {MAX_PIXELS:,} pixels); crop it to the digit"
         raise UserError(message) from None

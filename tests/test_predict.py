@@ -182,6 +182,9 @@ def test_each_bad_image_is_one_line_and_the_others_are_still_read(checkpoint, te
     transparent = tmp_path / "transparent.png"  # dark ink on a transparent sheet, as drawing apps save it
     alpha = Image.fromarray(test_digits.raw[1].numpy())
     Image.merge("LA", (Image.new("L", alpha.size, 0), alpha)).save(transparent)
+    light = tmp_path / "light.png"  # light ink on a transparent sheet: laid on white, it would vanish
+    alpha = Image.fromarray(test_digits.raw[2].numpy())
+    Image.merge("LA", (Image.new("L", alpha.size, 255), alpha)).save(light)
     (tmp_path / "notes.png").write_text("not an image")
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "phone.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))  # an iPhone's format
@@ -190,11 +193,12 @@ def test_each_bad_image_is_one_line_and_the_others_are_still_read(checkpoint, te
     huge_png_header(tmp_path / "large.png", 8_000)  # under it, over ours
     (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
     bad = ["notes.png", "empty.jpg", "phone.heic", "blank.png", "huge.png", "large.png", "gone.png"]
-    argv = ["--predict", str(good), *(str(tmp_path / name) for name in bad), str(transparent),
+    argv = ["--predict", str(good), *(str(tmp_path / name) for name in bad), str(transparent), str(light),
             "--checkpoint", str(checkpoint)]
     code, predicted, errors = predictions(capsys, *argv)
     assert code == 1
-    assert predicted == {str(good): int(test_digits.labels[0]), str(transparent): int(test_digits.labels[1])}
+    assert predicted == {str(good): int(test_digits.labels[0]), str(transparent): int(test_digits.labels[1]),
+                         str(light): int(test_digits.labels[2])}
     assert [error.split(": ")[1] for error in errors] == [str(tmp_path / name) for name in bad]
     reasons = dict(zip(bad, errors))
     for name in ("notes.png", "empty.jpg", "phone.heic"):
