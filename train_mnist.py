@@ -631,7 +631,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup: float, decay: float
     settles the weights. A function of the step alone, so a resumed run starts at `start_step`."""
     def factor(step: int) -> float:
         rise = min(1.0, (step + 1) / max(warmup * total_steps, MIN_WARMUP_STEPS)) if warmup else 1.0
-        return min(rise, min(1.0, max(0.0, total_steps - step) / (decay * total_steps)) if decay else 1.0)
+        fall = min(1.0, max(0.0, total_steps - step) / (decay * total_steps)) if decay else 1.0
+        return min(rise, fall)
 
     return LambdaLR(optimizer, factor, last_epoch=start_step - 1)
 
