@@ -552,9 +552,11 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
     raw_dir, missing = raw_folder(data_dir), missing_files(data_dir)
     if missing:  # torchvision's message ends with what its last mirror answered
         answer = (str(error).strip().splitlines() or ["no answer"])[-1].strip("<>")
-        # Files of other names there: a copy renamed on the way (Kaggle's has train-images.idx3-ubyte).
-        others = sorted(path.name for path in raw_dir.glob("*") if path.name not in MNIST_FILES)
-        there = f" (other files there: {', '.join(others)})" if others else ""
+        # Files of other names: a copy renamed on the way (Kaggle's has train-images.idx3-ubyte), or
+        # compressed, in MNIST/raw/ or in --data-dir itself.
+        nearby = (*raw_dir.glob("*"), *data_dir.glob("*ubyte*"))
+        others = sorted(str(path.relative_to(data_dir)) for path in nearby if path.name not in MNIST_FILES)
+        there = f" (other files in {data_dir}: {', '.join(others)})" if others else ""
         return UserError(f"{', '.join(missing)} missing from {raw_dir}{there}, and the download failed "
                          f"({answer}). Put the file{'s' * (len(missing) > 1)} there (uncompressed), or point "
                          "--data-dir at the folder that holds MNIST/raw/")

@@ -127,16 +127,19 @@ def test_missing_files_are_listed_in_one_line_with_where_they_belong(tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
-def test_missing_files_beside_a_renamed_copy_name_what_is_there(tmp_path, capsys, download_attempts):
-    """Kaggle's copy of MNIST names its files train-images.idx3-ubyte and so on: one character off."""
-    raw = write_mnist(tmp_path / "data") / "MNIST" / "raw"
+@pytest.mark.parametrize("folder", ["MNIST/raw", "."], ids=["in MNIST-raw", "in the data dir itself"])
+def test_missing_files_beside_a_renamed_copy_name_what_is_there(tmp_path, capsys, download_attempts, folder):
+    """Kaggle's copy of MNIST names its files train-images.idx3-ubyte and so on: one character off.
+    They are named where they are: in MNIST/raw/, or unzipped straight into --data-dir."""
+    data = tmp_path / "data"
+    raw = write_mnist(data) / "MNIST" / "raw"
     for name in train_mnist.MNIST_FILES:
-        (raw / name).rename(raw / name.replace("-idx", ".idx"))
-    assert train_mnist.main(["--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 1
+        (raw / name).rename(data / folder / name.replace("-idx", ".idx"))
+    assert train_mnist.main(["--data-dir", str(data), "--log-dir", str(tmp_path / "runs")]) == 1
+    renamed = sorted(str(Path(folder) / name.replace("-idx", ".idx")) for name in train_mnist.MNIST_FILES)
     assert one_line_error(capsys).startswith(
-        f"error: {', '.join(train_mnist.MNIST_FILES)} missing from {raw} (other files there: "
-        "t10k-images.idx3-ubyte, t10k-labels.idx1-ubyte, train-images.idx3-ubyte, train-labels.idx1-ubyte), "
-        "and the download failed (")
+        f"error: {', '.join(train_mnist.MNIST_FILES)} missing from {raw} (other files in {data}: "
+        f"{', '.join(renamed)}), and the download failed (")
     assert download_attempts()  # it tried, as for any missing file, and the guard refused
 
 
@@ -232,11 +235,12 @@ def test_a_download_that_fails_its_checksum_is_refused(tmp_path, mirrors, monkey
     """torchvision checks each download's MD5: a damaged copy is never read as MNIST."""
     monkeypatch.setattr(MNIST, "mirrors", [MNIST.mirrors[0].replace("/missing/", "/damaged/")])
     assert train_mnist.main(["--data-dir", str(tmp_path / "data"), "--log-dir", str(tmp_path / "runs")]) == 1
-    raw = tmp_path / "data" / "MNIST" / "raw"
+    data = tmp_path / "data"
     assert one_line_error(capsys) == (
-        f"error: {', '.join(train_mnist.MNIST_FILES)} missing from {raw} (other files there: "
-        "train-images-idx3-ubyte.gz), and the download failed (File not found or corrupted.). Put the files "
-        "there (uncompressed), or point --data-dir at the folder that holds MNIST/raw/")
+        f"error: {', '.join(train_mnist.MNIST_FILES)} missing from {data / 'MNIST' / 'raw'} (other files in "
+        f"{data}: MNIST/raw/train-images-idx3-ubyte.gz), and the download failed (File not found or "
+        "corrupted.). Put the files there (uncompressed), or point --data-dir at the folder that holds "
+        "MNIST/raw/")
     assert set(mirrors) == {"/damaged/train-images-idx3-ubyte.gz"}  # refused at the first file
     assert not (tmp_path / "runs").exists()
 
