@@ -554,9 +554,10 @@ def data_error(error: Exception, data_dir: Path, train: bool) -> UserError:
         answer = (str(error).strip().splitlines() or ["no answer"])[-1].strip("<>")
         # Files of other names: a copy renamed on the way (Kaggle's has train-images.idx3-ubyte), or
         # compressed, in MNIST/raw/ or in --data-dir itself.
-        nearby = (*raw_dir.glob("*"), *data_dir.glob("*ubyte*"))
-        others = sorted(str(path.relative_to(data_dir)) for path in nearby if path.name not in MNIST_FILES)
-        there = f" (other files in {data_dir}: {', '.join(others)})" if others else ""
+        strays = [path for path in raw_dir.glob("*") if path.name not in MNIST_FILES]
+        strays += data_dir.glob("*ubyte*")  # the files unzipped straight into --data-dir
+        names = sorted(str(path.relative_to(data_dir)) for path in strays)
+        there = f" (other files in {data_dir}: {', '.join(names)})" if names else ""
         return UserError(f"{', '.join(missing)} missing from {raw_dir}{there}, and the download failed "
                          f"({answer}). Put the file{'s' * (len(missing) > 1)} there (uncompressed), or point "
                          "--data-dir at the folder that holds MNIST/raw/")
