@@ -448,7 +448,8 @@ def named_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def refuse_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
-    """--resume honours every flag given again, except those that would make it another run."""
+    """Flags that contradict each other; and on --resume, which honours every flag given again,
+    those that would make it another run."""
     if args.nesterov and 0 in as_list(args.momentum):
         parser.error("--nesterov needs a --momentum above 0 (or give --no-nesterov)")
     if args.jobs > 1 and not is_sweep(args):  # one run is never split across processes by --jobs
