@@ -1457,7 +1457,8 @@ def read_grey(path: Path) -> torch.Tensor:
     except Image.UnidentifiedImageError:  # e.g. an iPhone's HEIC, or a file that is no image
         raise UserError(f"{path}: not in an image format that Pillow reads; save it as PNG or JPEG") from None
     except (OSError, ValueError, SyntaxError) as error:
-        reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        # The system's reason for a file it cannot open (No such file or directory), else Pillow's.
+        reason = getattr(error, "strerror", None) or str(error).split("\n")[0][:120] or type(error).__name__
         raise UserError(f"{path}: cannot be read as an image ({reason})") from None
     return torch.from_numpy(np.asarray(grey).copy()).float() / 255
 
