@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", type=bounded(int, 1), nargs="+", default=128, metavar="N", help="images per step")
     add("--momentum", type=bounded(float, 0, 1, open_high=True), nargs="+", default=0.9, help="SGD momentum")
     add("--weight-decay", type=bounded(float, 0), default=5e-4, help="SGD weight decay (L2 penalty)")
-    add("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum")
+    add("--nesterov", action=argparse.BooleanOptionalAction, default=True, help="Nesterov momentum (if any)")
     add("--label-smoothing", type=bounded(float, 0, 1), default=0.0, help="share of a target spread over all")
     add("--warmup", type=bounded(float, 0, 1), default=0.1, help="share of the steps where the rate rises")
     add("--lr-decay", type=bounded(float, 0, 1), default=0.5, help="share of the steps where the rate falls")
@@ -448,10 +448,8 @@ def named_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 
 def refuse_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint: dict) -> None:
-    """Flags that contradict each other; and on --resume, which honours every flag given again,
-    those that would make it another run."""
-    if args.nesterov and 0 in as_list(args.momentum):
-        parser.error("--nesterov needs a --momentum above 0 (or give --no-nesterov)")
+    """--jobs without a sweep; and on --resume, which honours every flag given again, the flags
+    that would make it another run."""
     if args.jobs > 1 and not is_sweep(args):  # one run is never split across processes by --jobs
         parser.error("--jobs runs the points of a sweep at once: give several values of --lr, --batch-size, "
                      "--momentum or --epochs (for one run in several processes: torchrun)")
@@ -477,9 +475,11 @@ def is_sweep(args: argparse.Namespace) -> bool:
 
 
 def single_values(args: argparse.Namespace) -> argparse.Namespace:
-    """One run's flags: a single value of each SWEEP_FLAGS flag, and --lr, if not given, for its batch."""
+    """One run's flags: a single value of each SWEEP_FLAGS flag, --lr, if not given, for its batch,
+    and Nesterov only with momentum: --momentum 0 is plain SGD."""
     run_args = argparse.Namespace(**vars(args) | {key: as_list(getattr(args, key))[0] for key in SWEEP_FLAGS})
     run_args.lr = run_args.lr or default_lr(run_args.batch_size)
+    run_args.nesterov = run_args.nesterov and run_args.momentum > 0
     return run_args
 
 

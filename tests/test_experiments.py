@@ -491,10 +491,24 @@ def test_nesterov_and_label_smoothing_reach_the_optimizer_and_the_loss(tmp_path,
     assert (config["nesterov"], config["label_smoothing"], config["warmup"]) == (True, 0.1, 0.3)
 
 
-def test_nesterov_without_momentum_is_refused(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_mnist.parse_args(["--nesterov", "--momentum", "0"])
-    assert exit_info.value.code == 2 and "--nesterov needs a --momentum above 0" in capsys.readouterr().err
+def test_momentum_0_is_plain_sgd_beside_points_that_keep_nesterov(tmp_path, synthetic_data, monkeypatch):
+    """Nesterov's look-ahead needs momentum (torch's SGD refuses it without): --momentum 0 alone
+    turns it off, so a sweep over momentum keeps it on its other points."""
+    seen = []
+    real_train = train_mnist.train
+
+    def train_and_look(model, optimizer, *args, **kwargs):
+        seen.append((optimizer.param_groups[0]["momentum"], optimizer.param_groups[0]["nesterov"]))
+        return real_train(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_mnist, "train", train_and_look)
+    assert train_mnist.main([*QUICK_VALIDATED, "--epochs", "1", "--momentum", "0", "0.9", "--data-dir",
+                             str(synthetic_data), "--log-dir", str(tmp_path)]) == 0
+    assert sorted(seen) == [(0.0, False), (0.9, True)]
+    rows = {float(row["momentum"]): row for row in sweep_table(tmp_path)}
+    assert {momentum: row["status"] for momentum, row in rows.items()} == {0.0: "ok", 0.9: "ok"}
+    assert config_of(Path(rows[0.0]["run_dir"]))["nesterov"] is False  # as it trained
+    assert config_of(Path(rows[0.9]["run_dir"]))["nesterov"] is True
 
 
 def test_jobs_without_a_sweep_is_refused(capsys):
