@@ -1130,11 +1130,10 @@ def open_run(state: dict, step: int, monitor: str):
         with FileLock(run_dir / ".lock", timeout=0):
             (run_dir / "metrics.json").unlink(missing_ok=True)  # unfinished until it finishes anew
             write_json(run_dir / "config.json", state["config"])
-            with contextlib.ExitStack() as writers:
-                writer = SummaryWriter(run_dir, purge_step=step + 1, max_queue=EVENT_QUEUE)
-                writers.enter_context(writer)
-                curves = {name: writers.enter_context(SummaryWriter(run_dir / name, purge_step=step + 1))
-                          for name in ("train", monitor)}
+            with (SummaryWriter(run_dir, purge_step=step + 1, max_queue=EVENT_QUEUE) as writer,
+                  SummaryWriter(run_dir / "train", purge_step=step + 1) as train_curves,
+                  SummaryWriter(run_dir / monitor, purge_step=step + 1) as monitored_curves):
+                curves = {"train": train_curves, monitor: monitored_curves}
                 print(f"Training on {state['config']['device']} with seed {state['config']['seed']}"
                       + (f" in {WORLD_SIZE} processes" if DISTRIBUTED else "") + f"; logging to {run_dir}")
                 print(f"Watch it learn: tensorboard --logdir {typed(run_dir.parent)}")
