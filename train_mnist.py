@@ -1076,8 +1076,10 @@ def make_run_dir(args: argparse.Namespace) -> Path:
     """A fresh run folder, named after what differs from the defaults, then the time: TensorBoard
     cuts long names, so what tells runs apart comes first. Two runs never share one."""
     parser, changed = build_parser(), []
+    # The defaults of this run's batch and momentum, as single_values() sets them: not a difference.
+    resolved = {"lr": default_lr(args.batch_size), "nesterov": args.momentum > 0}
     for key, short in NAME_KEYS.items():
-        default = default_lr(args.batch_size) if key == "lr" else parser.get_default(key)
+        default = resolved.get(key, parser.get_default(key))
         if (value := getattr(args, key)) != default:
             switch = short if value else f"no{short}"
             changed.append(switch if isinstance(value, bool) else f"{short}{value:g}")

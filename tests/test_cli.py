@@ -83,7 +83,8 @@ def test_help_shows_every_flag_once_with_its_default_once_and_examples_that_pars
     (["--no-nesterov", "--seed", "2", "--deterministic", "--momentum", "0.5"], "mom0.5_nonesterov_seed2_det"),
     (["--batch-size", "32"], "bs32"),  # its rate, 0.025, is the default for that batch
     (["--batch-size", "32", "--lr", "0.1"], "lr0.1_bs32"),
-], ids=["defaults", "course", "switches", "small batch", "small batch at 0.1"])
+    (["--momentum", "0"], "mom0"),  # without momentum, no Nesterov: the default for it
+], ids=["defaults", "course", "switches", "small batch", "small batch at 0.1", "no momentum"])
 def test_a_run_is_named_by_what_differs_from_the_defaults_then_the_time(argv, differences, tmp_path):
     one_run = train_mnist.single_values(parse([*argv, "--log-dir", str(tmp_path)]))
     name = train_mnist.make_run_dir(one_run).name
